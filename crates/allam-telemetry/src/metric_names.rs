@@ -1,0 +1,27 @@
+//! Every Prometheus metric name, so that router, worker and engine agree and dashboards
+//! can rely on them. Rules: `allam_` prefix, `_total` only on counters, units as suffixes.
+//! Labels: `group` (worker group), `reason` (a stable `Error::reason()` label), `api`.
+
+// Router / HTTP front.
+pub const REQUESTS_TOTAL: &str = "allam_requests_total";
+pub const REQUEST_SUCCESSES_TOTAL: &str = "allam_request_successes_total";
+pub const REQUEST_FAILURES_TOTAL: &str = "allam_request_failures_total";
+pub const REQUEST_DURATION_SECONDS: &str = "allam_request_duration_seconds";
+pub const ROUTER_RETRIES_TOTAL: &str = "allam_router_retries_total";
+pub const WORKER_GROUPS: &str = "allam_worker_groups";
+
+// Engine (worker).
+pub const QUEUE_DURATION_SECONDS: &str = "allam_queue_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "allam_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "allam_inter_token_latency_seconds";
+pub const PROMPT_TOKENS_TOTAL: &str = "allam_prompt_tokens_total";
+pub const GENERATED_TOKENS_TOTAL: &str = "allam_generated_tokens_total";
+pub const RUNNING_REQUESTS: &str = "allam_running_requests";
+pub const WAITING_REQUESTS: &str = "allam_waiting_requests";
+pub const BATCH_SIZE: &str = "allam_batch_size";
+pub const KV_CACHE_USAGE_RATIO: &str = "allam_kv_cache_usage_ratio";
+pub const PREFIX_CACHE_HIT_RATIO: &str = "allam_prefix_cache_hit_ratio";
+pub const PREFIX_CACHE_QUERIED_TOKENS_TOTAL: &str = "allam_prefix_cache_queried_tokens_total";
+pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "allam_prefix_cache_hit_tokens_total";
+pub const PREEMPTIONS_TOTAL: &str = "allam_preemptions_total";
+pub const STEP_DURATION_SECONDS: &str = "allam_step_duration_seconds";
