@@ -1,1 +1,4 @@
-//! Integration tests.
+//! Integration tests: the real `allam` binary, real etcd, real clients, on loopback.
+
+mod support;
+mod tidy;

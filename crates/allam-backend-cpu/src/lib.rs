@@ -1,1 +1,730 @@
-//! allam-backend-cpu.
+//! `CpuBackend`: the f32 reference implementation of every `allam_backend::Backend` op.
+//!
+//! Weights of any checkpoint dtype are widened to f32 at upload; activations and the paged KV
+//! cache are f32 host vectors. Matmuls and row-wise ops run on a private rayon pool (one
+//! thread per core unless configured). The CUDA backend's kernels are tested against these
+//! ops, so clarity wins over speed everywhere except `matmul.rs`.
+//!
+//! Memory: "free memory" is a configured KV-cache budget minus the KV caches allocated so far
+//! (weights are not counted: the host has no hard limit worth modelling).
+
+mod attention;
+mod error;
+mod matmul;
+mod rowwise;
+mod storage;
+
+use std::sync::Arc;
+
+use allam_backend::{
+    decode_to_f32, AttentionLayout, Backend, BackendInfo, DType, Error as OpError, KvCache,
+    KvCacheSpec, PreparedStep, StepBatch, Tensor, Weight,
+};
+
+pub use error::Error;
+use storage::{dims_2d, expect_2d, CpuKv, CpuStep, CpuTensor, CpuWeight, BACKEND_NAME};
+
+/// Construction options of a [`CpuBackend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuBackendConfig {
+    /// Worker threads; `None` = one per available core.
+    pub threads: Option<usize>,
+    /// Bytes the KV cache may take (what [`Backend::free_memory_bytes`] reports before any
+    /// cache is allocated).
+    pub kv_cache_budget_bytes: u64,
+}
+
+impl Default for CpuBackendConfig {
+    fn default() -> Self {
+        CpuBackendConfig {
+            threads: None,
+            kv_cache_budget_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The CPU backend (f32).
+pub struct CpuBackend {
+    pool: Arc<rayon::ThreadPool>,
+    threads: usize,
+    kv_cache_budget_bytes: u64,
+    kv_cache_allocated_bytes: u64,
+}
+
+impl CpuBackend {
+    pub fn new(config: &CpuBackendConfig) -> Result<CpuBackend, Error> {
+        let threads = config
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("allam-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::ThreadPool {
+                threads,
+                message: e.to_string(),
+            })?;
+        Ok(CpuBackend {
+            pool: Arc::new(pool),
+            threads,
+            kv_cache_budget_bytes: config.kv_cache_budget_bytes,
+            kv_cache_allocated_bytes: 0,
+        })
+    }
+
+    /// Worker threads of this backend's pool.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+fn new_tensor(shape: &[usize], data: Vec<f32>) -> Tensor {
+    Tensor::new(shape, DType::F32, Box::new(CpuTensor(data)))
+}
+
+fn check_rows(
+    op: &'static str,
+    operand: &'static str,
+    shape: &[usize],
+    rows: usize,
+) -> Result<usize, OpError> {
+    let (r, cols) = dims_2d(op, operand, shape)?;
+    if r != rows {
+        return Err(OpError::shape(op, operand, format!("[{rows}, _]"), shape));
+    }
+    Ok(cols)
+}
+
+fn check_layout(op: &'static str, layout: &AttentionLayout) -> Result<(), OpError> {
+    if layout.n_kv_heads == 0
+        || layout.head_dim == 0
+        || !layout.n_heads.is_multiple_of(layout.n_kv_heads)
+    {
+        return Err(OpError::Unsupported {
+            op,
+            backend: BACKEND_NAME,
+            detail: format!(
+                "attention layout with {} heads, {} KV heads, head_dim {}",
+                layout.n_heads, layout.n_kv_heads, layout.head_dim
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_kv_layer(
+    op: &'static str,
+    kv: &KvCache,
+    layer: usize,
+    layout: &AttentionLayout,
+) -> Result<(), OpError> {
+    let spec = kv.spec();
+    if layer >= spec.num_layers
+        || spec.n_kv_heads != layout.n_kv_heads
+        || spec.head_dim != layout.head_dim
+    {
+        return Err(OpError::shape(
+            op,
+            "kv",
+            format!(
+                "layer < {} with {} KV heads of {}",
+                spec.num_layers, layout.n_kv_heads, layout.head_dim
+            ),
+            &[layer, spec.n_kv_heads, spec.head_dim],
+        ));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            name: BACKEND_NAME,
+            device: format!("host CPU, {} threads", self.threads),
+            activation_dtype: DType::F32,
+            kv_cache_dtype: DType::F32,
+        }
+    }
+
+    fn free_memory_bytes(&mut self) -> Result<u64, OpError> {
+        Ok(self
+            .kv_cache_budget_bytes
+            .saturating_sub(self.kv_cache_allocated_bytes))
+    }
+
+    fn upload_weight(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<Weight, OpError> {
+        let numel: usize = shape.iter().product();
+        let expected_bytes = numel * dtype.size_in_bytes();
+        if bytes.len() != expected_bytes {
+            return Err(OpError::WeightBytes {
+                name: name.to_owned(),
+                dtype,
+                shape: shape.to_vec(),
+                expected_bytes,
+                actual_bytes: bytes.len(),
+            });
+        }
+        let data = decode_to_f32(dtype, bytes).expect("byte length checked against dtype above");
+        Ok(Weight::new(
+            name,
+            shape,
+            DType::F32,
+            Box::new(CpuWeight(data)),
+        ))
+    }
+
+    fn upload_rope_table(
+        &mut self,
+        max_positions: usize,
+        rotary_dim: usize,
+        cos_sin: &[f32],
+    ) -> Result<Weight, OpError> {
+        if !rotary_dim.is_multiple_of(2) || cos_sin.len() != max_positions * rotary_dim {
+            return Err(OpError::shape(
+                "upload_rope_table",
+                "cos_sin",
+                format!("[{max_positions}, {rotary_dim}] with even rotary_dim"),
+                &[cos_sin.len()],
+            ));
+        }
+        Ok(Weight::new(
+            "rope_table",
+            &[max_positions, rotary_dim],
+            DType::F32,
+            Box::new(CpuWeight(cos_sin.to_vec())),
+        ))
+    }
+
+    fn alloc(&mut self, shape: &[usize]) -> Result<Tensor, OpError> {
+        Ok(new_tensor(shape, vec![0.0; shape.iter().product()]))
+    }
+
+    fn upload_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Tensor, OpError> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(OpError::shape(
+                "upload_f32",
+                "data",
+                format!("{shape:?}"),
+                &[data.len()],
+            ));
+        }
+        Ok(new_tensor(shape, data.to_vec()))
+    }
+
+    fn to_host_f32(&mut self, x: &Tensor) -> Result<Vec<f32>, OpError> {
+        Ok(storage::tensor("to_host_f32", "x", x)?.to_vec())
+    }
+
+    fn alloc_kv_cache(&mut self, spec: &KvCacheSpec) -> Result<KvCache, OpError> {
+        let bytes = spec.total_bytes(DType::F32) as u64;
+        let free = self.free_memory_bytes()?;
+        if bytes > free {
+            return Err(OpError::OutOfMemory {
+                what: format!("KV cache of {} blocks", spec.num_blocks),
+                requested_bytes: bytes,
+                free_bytes: free,
+            });
+        }
+        let per_layer = spec.elements_per_layer();
+        let kv = CpuKv {
+            k: (0..spec.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..spec.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+        };
+        self.kv_cache_allocated_bytes += bytes;
+        Ok(KvCache::new(*spec, DType::F32, Box::new(kv)))
+    }
+
+    fn copy_kv_blocks(&mut self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<(), OpError> {
+        let spec = *kv.spec();
+        if let Some(bad) = pairs
+            .iter()
+            .find(|(s, d)| *s as usize >= spec.num_blocks || *d as usize >= spec.num_blocks)
+        {
+            return Err(OpError::InvalidBatch {
+                op: "copy_kv_blocks",
+                detail: format!("pair {bad:?} outside {} blocks", spec.num_blocks),
+            });
+        }
+        let block_elems = spec.block_size * spec.n_kv_heads * spec.head_dim;
+        let cache = storage::kv_mut("copy_kv_blocks", kv)?;
+        for layer in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            attention::copy_blocks(layer, block_elems, pairs);
+        }
+        Ok(())
+    }
+
+    fn prepare_step(&mut self, batch: &StepBatch, kv: &KvCache) -> Result<PreparedStep, OpError> {
+        storage::kv("prepare_step", kv)?;
+        batch.validate(kv.spec().num_blocks)?;
+        if batch.block_size as usize != kv.spec().block_size {
+            return Err(OpError::InvalidBatch {
+                op: "prepare_step",
+                detail: format!(
+                    "batch block_size {} but the cache has {}",
+                    batch.block_size,
+                    kv.spec().block_size
+                ),
+            });
+        }
+        let mut token_seq = Vec::with_capacity(batch.num_tokens());
+        for (i, seq) in batch.seqs.iter().enumerate() {
+            token_seq.extend(std::iter::repeat_n(i as u32, seq.query_len as usize));
+        }
+        let step = CpuStep {
+            batch: batch.clone(),
+            token_seq,
+        };
+        Ok(PreparedStep::new(batch, Box::new(step)))
+    }
+
+    fn embedding(
+        &mut self,
+        table: &Weight,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        const OP: &str = "embedding";
+        let (vocab, hidden) = dims_2d(OP, "table", table.shape())?;
+        expect_2d(OP, "out", out.shape(), step.num_tokens(), hidden)?;
+        let ids = &storage::step(OP, step)?.batch.token_ids;
+        if let Some(id) = ids.iter().find(|id| **id as usize >= vocab) {
+            return Err(OpError::InvalidBatch {
+                op: OP,
+                detail: format!("token id {id} outside the vocabulary of {vocab}"),
+            });
+        }
+        let table = storage::weight(OP, "table", table)?;
+        rowwise::embedding(table, hidden, ids, storage::tensor_mut(OP, "out", out)?);
+        Ok(())
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: &Tensor,
+        weight: &Weight,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        const OP: &str = "rms_norm";
+        let (rows, hidden) = dims_2d(OP, "x", x.shape())?;
+        if weight.shape() != [hidden] {
+            return Err(OpError::shape(
+                OP,
+                "weight",
+                format!("[{hidden}]"),
+                weight.shape(),
+            ));
+        }
+        expect_2d(OP, "out", out.shape(), rows, hidden)?;
+        let (x, w) = (
+            storage::tensor(OP, "x", x)?,
+            storage::weight(OP, "weight", weight)?,
+        );
+        let out = storage::tensor_mut(OP, "out", out)?;
+        self.pool.install(|| rowwise::rms_norm(x, w, eps, out));
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Tensor,
+        x: &Tensor,
+        weight: &Weight,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        const OP: &str = "add_rms_norm";
+        let (rows, hidden) = dims_2d(OP, "residual", residual.shape())?;
+        expect_2d(OP, "x", x.shape(), rows, hidden)?;
+        expect_2d(OP, "out", out.shape(), rows, hidden)?;
+        if weight.shape() != [hidden] {
+            return Err(OpError::shape(
+                OP,
+                "weight",
+                format!("[{hidden}]"),
+                weight.shape(),
+            ));
+        }
+        let (x, w) = (
+            storage::tensor(OP, "x", x)?,
+            storage::weight(OP, "weight", weight)?,
+        );
+        let residual = storage::tensor_mut(OP, "residual", residual)?;
+        let out = storage::tensor_mut(OP, "out", out)?;
+        self.pool
+            .install(|| rowwise::add_rms_norm(residual, x, w, eps, out));
+        Ok(())
+    }
+
+    fn linear(&mut self, x: &Tensor, weight: &Weight, out: &mut Tensor) -> Result<(), OpError> {
+        const OP: &str = "linear";
+        let (rows, k) = dims_2d(OP, "x", x.shape())?;
+        let (n, wk) = dims_2d(OP, "weight", weight.shape())?;
+        if wk != k {
+            return Err(OpError::shape(
+                OP,
+                "weight",
+                format!("[_, {k}] (in = x's columns)"),
+                weight.shape(),
+            ));
+        }
+        expect_2d(OP, "out", out.shape(), rows, n)?;
+        let (x, w) = (
+            storage::tensor(OP, "x", x)?,
+            storage::weight(OP, "weight", weight)?,
+        );
+        let out = storage::tensor_mut(OP, "out", out)?;
+        self.pool.install(|| matmul::linear(x, rows, k, w, n, out));
+        Ok(())
+    }
+
+    fn rope(
+        &mut self,
+        qkv: &mut Tensor,
+        layout: &AttentionLayout,
+        rope_table: &Weight,
+        step: &PreparedStep,
+    ) -> Result<(), OpError> {
+        const OP: &str = "rope";
+        check_layout(OP, layout)?;
+        expect_2d(
+            OP,
+            "qkv",
+            qkv.shape(),
+            step.num_tokens(),
+            layout.qkv_width(),
+        )?;
+        let (max_positions, rotary_dim) = dims_2d(OP, "rope_table", rope_table.shape())?;
+        if rotary_dim != layout.head_dim {
+            return Err(OpError::shape(
+                OP,
+                "rope_table",
+                format!("[_, {}] (head_dim)", layout.head_dim),
+                rope_table.shape(),
+            ));
+        }
+        let positions = &storage::step(OP, step)?.batch.positions;
+        if let Some(p) = positions.iter().find(|p| **p as usize >= max_positions) {
+            return Err(OpError::InvalidBatch {
+                op: OP,
+                detail: format!("position {p} past the RoPE table's {max_positions} positions"),
+            });
+        }
+        let table = storage::weight(OP, "rope_table", rope_table)?;
+        let qkv = storage::tensor_mut(OP, "qkv", qkv)?;
+        self.pool
+            .install(|| attention::rope(qkv, layout, table, positions));
+        Ok(())
+    }
+
+    fn kv_write(
+        &mut self,
+        qkv: &Tensor,
+        layout: &AttentionLayout,
+        kv: &mut KvCache,
+        layer: usize,
+        step: &PreparedStep,
+    ) -> Result<(), OpError> {
+        const OP: &str = "kv_write";
+        check_layout(OP, layout)?;
+        expect_2d(
+            OP,
+            "qkv",
+            qkv.shape(),
+            step.num_tokens(),
+            layout.qkv_width(),
+        )?;
+        check_kv_layer(OP, kv, layer, layout)?;
+        let slots = &storage::step(OP, step)?.batch.slot_mapping;
+        let qkv = storage::tensor(OP, "qkv", qkv)?;
+        let cache = storage::kv_mut(OP, kv)?;
+        attention::kv_write(qkv, layout, &mut cache.k[layer], &mut cache.v[layer], slots);
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        qkv: &Tensor,
+        layout: &AttentionLayout,
+        kv: &KvCache,
+        layer: usize,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        const OP: &str = "attention";
+        check_layout(OP, layout)?;
+        expect_2d(
+            OP,
+            "qkv",
+            qkv.shape(),
+            step.num_tokens(),
+            layout.qkv_width(),
+        )?;
+        expect_2d(OP, "out", out.shape(), step.num_tokens(), layout.q_width())?;
+        check_kv_layer(OP, kv, layer, layout)?;
+        let cpu_step = storage::step(OP, step)?;
+        let qkv = storage::tensor(OP, "qkv", qkv)?;
+        let cache = storage::kv(OP, kv)?;
+        let out = storage::tensor_mut(OP, "out", out)?;
+        self.pool.install(|| {
+            attention::attention(
+                qkv,
+                layout,
+                &cache.k[layer],
+                &cache.v[layer],
+                &cpu_step.batch,
+                &cpu_step.token_seq,
+                out,
+            )
+        });
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate_up: &Tensor, out: &mut Tensor) -> Result<(), OpError> {
+        const OP: &str = "silu_mul";
+        let (rows, double) = dims_2d(OP, "gate_up", gate_up.shape())?;
+        if double % 2 != 0 {
+            return Err(OpError::shape(
+                OP,
+                "gate_up",
+                "[rows, 2 * n]",
+                gate_up.shape(),
+            ));
+        }
+        expect_2d(OP, "out", out.shape(), rows, double / 2)?;
+        let gate_up = storage::tensor(OP, "gate_up", gate_up)?;
+        let out = storage::tensor_mut(OP, "out", out)?;
+        self.pool
+            .install(|| rowwise::silu_mul(gate_up, double / 2, out));
+        Ok(())
+    }
+
+    fn gather_rows(
+        &mut self,
+        x: &Tensor,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        const OP: &str = "gather_rows";
+        let cols = check_rows(OP, "x", x.shape(), step.num_tokens())?;
+        expect_2d(OP, "out", out.shape(), step.num_logits_rows(), cols)?;
+        let rows = &storage::step(OP, step)?.batch.logits_rows;
+        let x = storage::tensor(OP, "x", x)?;
+        rowwise::gather_rows(x, cols, rows, storage::tensor_mut(OP, "out", out)?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Box<dyn Backend> {
+        let config = CpuBackendConfig {
+            threads: Some(2),
+            kv_cache_budget_bytes: 1 << 20,
+        };
+        Box::new(CpuBackend::new(&config).expect("backend"))
+    }
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn shape_errors_name_op_operand_and_shapes() {
+        let mut b = backend();
+        let x = b.upload_f32(&[2, 4], &[0.0; 8]).expect("x");
+        let w = b
+            .upload_weight("w", DType::F32, &[3, 5], &f32_bytes(&[0.0; 15]))
+            .expect("w");
+        let mut out = b.alloc(&[2, 3]).expect("out");
+        let err = b.linear(&x, &w, &mut out).expect_err("k mismatch");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("linear") && msg.contains("`weight`") && msg.contains("[3, 5]"),
+            "{msg}"
+        );
+        let mut wrong_out = b.alloc(&[2, 4]).expect("out");
+        let w_ok = b
+            .upload_weight("w", DType::F32, &[3, 4], &f32_bytes(&[0.0; 12]))
+            .expect("w");
+        let msg = b
+            .linear(&x, &w_ok, &mut wrong_out)
+            .expect_err("out")
+            .to_string();
+        assert!(
+            msg.contains("`out`") && msg.contains("[2, 4]") && msg.contains("[2, 3]"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn foreign_handles_and_bad_weight_bytes_are_typed_errors() {
+        let mut b = backend();
+        let alien = Tensor::new(&[1, 2], DType::F32, Box::new(0u8));
+        let w = b
+            .upload_weight("w", DType::F32, &[1, 2], &f32_bytes(&[1.0, 2.0]))
+            .expect("w");
+        let mut out = b.alloc(&[1, 1]).expect("out");
+        let err = b.linear(&alien, &w, &mut out).expect_err("foreign");
+        assert!(
+            matches!(err, OpError::ForeignHandle { op: "linear", .. }),
+            "{err:?}"
+        );
+        let err = b
+            .upload_weight("model.norm.weight", DType::BF16, &[4], &[0u8; 6])
+            .expect_err("6 bytes for 4 bf16");
+        assert!(err.to_string().contains("model.norm.weight"), "{err}");
+    }
+
+    #[test]
+    fn bf16_weights_widen_exactly() {
+        let mut b = backend();
+        let values = [1.5f32, -0.375, 3.0e-3];
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let w = b
+            .upload_weight("w", DType::BF16, &[1, 3], &bytes)
+            .expect("w");
+        let x = b.upload_f32(&[1, 3], &[1.0, 0.0, 0.0]).expect("x");
+        let mut out = b.alloc(&[1, 1]).expect("out");
+        b.linear(&x, &w, &mut out).expect("linear");
+        assert_eq!(b.to_host_f32(&out).expect("host"), vec![1.5]);
+    }
+
+    #[test]
+    fn kv_cache_respects_the_budget() {
+        let mut b = backend();
+        let spec = KvCacheSpec {
+            num_layers: 2,
+            num_blocks: 4,
+            block_size: 16,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        // 2 (K, V) * 2 layers * 16 tokens * 2 heads * 8 dims * 4 bytes per block.
+        assert_eq!(spec.bytes_per_block(DType::F32), 2 * 2 * 16 * 2 * 8 * 4);
+        let before = b.free_memory_bytes().expect("free");
+        let _kv = b.alloc_kv_cache(&spec).expect("fits");
+        assert_eq!(
+            b.free_memory_bytes().expect("free"),
+            before - spec.total_bytes(DType::F32) as u64
+        );
+        let huge = KvCacheSpec {
+            num_blocks: 1 << 20,
+            ..spec
+        };
+        let err = b.alloc_kv_cache(&huge).expect_err("over budget");
+        assert!(matches!(err, OpError::OutOfMemory { .. }), "{err:?}");
+    }
+
+    fn layout() -> AttentionLayout {
+        AttentionLayout {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            softmax_scale: 0.5,
+        }
+    }
+
+    fn spec(num_blocks: usize) -> KvCacheSpec {
+        KvCacheSpec {
+            num_layers: 1,
+            num_blocks,
+            block_size: 4,
+            n_kv_heads: 1,
+            head_dim: 4,
+        }
+    }
+
+    #[test]
+    fn malformed_batches_and_ids_are_rejected_before_any_op() {
+        let mut b = backend();
+        let kv = b.alloc_kv_cache(&spec(2)).expect("kv");
+        let mut batch = StepBatch {
+            block_size: 4,
+            ..StepBatch::default()
+        };
+        batch.push_seq(&[1, 2, 3], 3, vec![1]);
+        b.prepare_step(&batch, &kv).expect("valid");
+        let mut bad_slot = batch.clone();
+        bad_slot.slot_mapping[2] = 0;
+        let msg = b
+            .prepare_step(&bad_slot, &kv)
+            .expect_err("slot")
+            .to_string();
+        assert!(msg.contains("slot"), "{msg}");
+        let mut bad_block = batch.clone();
+        bad_block.seqs[0].block_table = vec![5];
+        assert!(b.prepare_step(&bad_block, &kv).is_err(), "block 5 of 2");
+
+        let step = b.prepare_step(&batch, &kv).expect("valid");
+        let table = b
+            .upload_weight("embed", DType::F32, &[3, 2], &f32_bytes(&[0.0; 6]))
+            .expect("w");
+        let mut out = b.alloc(&[3, 2]).expect("out");
+        let err = b.embedding(&table, &step, &mut out).expect_err("id 3 of 3");
+        assert!(
+            matches!(
+                err,
+                OpError::InvalidBatch {
+                    op: "embedding",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let rope = b.upload_rope_table(2, 4, &[0.0; 8]).expect("rope");
+        let mut qkv = b.alloc(&[3, layout().qkv_width()]).expect("qkv");
+        let err = b
+            .rope(&mut qkv, &layout(), &rope, &step)
+            .expect_err("position 2 of 2");
+        assert!(
+            matches!(err, OpError::InvalidBatch { op: "rope", .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn copied_blocks_attend_like_the_originals() {
+        let mut b = backend();
+        let l = layout();
+        let mut kv = b.alloc_kv_cache(&spec(3)).expect("kv");
+        let data: Vec<f32> = (0..3 * l.qkv_width())
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let qkv = b.upload_f32(&[3, l.qkv_width()], &data).expect("qkv");
+        let run = |b: &mut Box<dyn Backend>, kv: &mut KvCache, block: u32, write: bool| {
+            let mut batch = StepBatch {
+                block_size: 4,
+                ..StepBatch::default()
+            };
+            batch.push_seq(&[1, 2, 3], 3, vec![block]);
+            let step = b.prepare_step(&batch, kv).expect("step");
+            if write {
+                b.kv_write(&qkv, &l, kv, 0, &step).expect("kv_write");
+            }
+            let mut out = b.alloc(&[3, l.q_width()]).expect("out");
+            b.attention(&qkv, &l, kv, 0, &step, &mut out)
+                .expect("attention");
+            b.to_host_f32(&out).expect("host")
+        };
+        let original = run(&mut b, &mut kv, 0, true);
+        b.copy_kv_blocks(&mut kv, &[(0, 2)]).expect("copy");
+        assert_eq!(run(&mut b, &mut kv, 2, false), original);
+        assert!(
+            b.copy_kv_blocks(&mut kv, &[(0, 3)]).is_err(),
+            "block 3 of 3"
+        );
+    }
+}

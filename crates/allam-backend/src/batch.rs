@@ -1,7 +1,11 @@
 //! What one engine step asks the model to compute, in host memory. Backends copy the parts
-//! they need to the device once per step.
+//! they need to the device once per step ([`Backend::prepare_step`](crate::Backend::prepare_step)),
+//! after [`StepBatch::validate`] has checked the invariants below, so no kernel ever indexes
+//! out of bounds on a malformed batch.
 
 use allam_types::TokenId;
+
+use crate::Error;
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,5 +43,180 @@ pub struct StepBatch {
 impl StepBatch {
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
+    }
+
+    /// Appends one sequence whose `query_tokens` are its last tokens of `context_len`,
+    /// filling `positions` and `slot_mapping` from `block_table` (`block_size` must be set).
+    /// Returns the query rows it occupies; push to `logits_rows` the ones you need.
+    /// Does not validate: [`StepBatch::validate`] does, once per step.
+    pub fn push_seq(
+        &mut self,
+        query_tokens: &[TokenId],
+        context_len: u32,
+        block_table: Vec<u32>,
+    ) -> std::ops::Range<u32> {
+        let query_start = self.token_ids.len() as u32;
+        let query_len = query_tokens.len() as u32;
+        let first_pos = context_len.saturating_sub(query_len);
+        let block_size = self.block_size.max(1);
+        for (i, token) in query_tokens.iter().enumerate() {
+            let pos = first_pos + i as u32;
+            let block = block_table
+                .get((pos / block_size) as usize)
+                .copied()
+                .unwrap_or(u32::MAX);
+            self.token_ids.push(*token);
+            self.positions.push(pos);
+            self.slot_mapping.push(
+                block
+                    .wrapping_mul(block_size)
+                    .wrapping_add(pos % block_size),
+            );
+        }
+        self.seqs.push(SeqInBatch {
+            query_start,
+            query_len,
+            context_len,
+            block_table,
+        });
+        query_start..query_start + query_len
+    }
+
+    /// Checks every documented invariant against a cache of `num_blocks` blocks; also that
+    /// each sequence's query tokens sit at positions `context_len - query_len ..context_len`
+    /// in order, and that `logits_rows` name existing rows.
+    pub fn validate(&self, num_blocks: usize) -> Result<(), Error> {
+        let bad = |detail: String| {
+            Err(Error::InvalidBatch {
+                op: "prepare_step",
+                detail,
+            })
+        };
+        let n = self.token_ids.len();
+        if self.positions.len() != n || self.slot_mapping.len() != n {
+            return bad(format!(
+                "token_ids has {n} entries but positions has {} and slot_mapping {}",
+                self.positions.len(),
+                self.slot_mapping.len()
+            ));
+        }
+        if self.block_size == 0 {
+            return bad("block_size is 0".to_owned());
+        }
+        let block_size = self.block_size as u64;
+        let mut next_start = 0u64;
+        for (seq_idx, seq) in self.seqs.iter().enumerate() {
+            if u64::from(seq.query_start) != next_start {
+                return bad(format!(
+                    "seqs[{seq_idx}].query_start is {} but the previous sequences end at {next_start}",
+                    seq.query_start
+                ));
+            }
+            if seq.query_len == 0 || seq.query_len > seq.context_len {
+                return bad(format!(
+                    "seqs[{seq_idx}] has query_len {} and context_len {} (need 1 <= query_len <= context_len)",
+                    seq.query_len, seq.context_len
+                ));
+            }
+            next_start += u64::from(seq.query_len);
+            if next_start > n as u64 {
+                return bad(format!("seqs[{seq_idx}] runs past the {n} query tokens"));
+            }
+            let needed_blocks = u64::from(seq.context_len).div_ceil(block_size);
+            if (seq.block_table.len() as u64) < needed_blocks {
+                return bad(format!(
+                    "seqs[{seq_idx}] has {} blocks in its table, {needed_blocks} needed for context_len {}",
+                    seq.block_table.len(),
+                    seq.context_len
+                ));
+            }
+            if let Some(block) = seq.block_table.iter().find(|b| **b as usize >= num_blocks) {
+                return bad(format!(
+                    "seqs[{seq_idx}] refers to block {block}, the cache has {num_blocks}"
+                ));
+            }
+            let first_pos = seq.context_len - seq.query_len;
+            for i in 0..seq.query_len {
+                let t = (seq.query_start + i) as usize;
+                let pos = first_pos + i;
+                if self.positions[t] != pos {
+                    return bad(format!(
+                        "token {t} (seqs[{seq_idx}]) has position {}, expected {pos}",
+                        self.positions[t]
+                    ));
+                }
+                let block = u64::from(seq.block_table[(pos / self.block_size) as usize]);
+                let slot = block * block_size + u64::from(pos % self.block_size);
+                if u64::from(self.slot_mapping[t]) != slot {
+                    return bad(format!(
+                        "token {t} (seqs[{seq_idx}]) has slot {}, its block table says {slot}",
+                        self.slot_mapping[t]
+                    ));
+                }
+            }
+        }
+        if next_start != n as u64 {
+            return bad(format!(
+                "seqs cover {next_start} query tokens, the batch has {n}"
+            ));
+        }
+        if let Some(row) = self.logits_rows.iter().find(|r| **r as usize >= n) {
+            return bad(format!(
+                "logits_rows names row {row}, the batch has {n} tokens"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_seq_batch() -> StepBatch {
+        let mut batch = StepBatch {
+            block_size: 4,
+            ..StepBatch::default()
+        };
+        // A 6-token prefill chunk over blocks [3, 0] and a decode at position 9 over [1, 2, 4].
+        batch.push_seq(&[1, 2, 3, 4, 5, 6], 6, vec![3, 0]);
+        let rows = batch.push_seq(&[7], 10, vec![1, 2, 4]);
+        batch.logits_rows = vec![5, rows.start];
+        batch
+    }
+
+    #[test]
+    fn push_seq_fills_positions_and_slots_from_the_block_table() {
+        let batch = two_seq_batch();
+        assert_eq!(batch.positions, vec![0, 1, 2, 3, 4, 5, 9]);
+        // Position p -> block_table[p / 4] * 4 + p % 4.
+        assert_eq!(batch.slot_mapping, vec![12, 13, 14, 15, 0, 1, 17]);
+        assert_eq!(batch.seqs[1].query_start, 6);
+        batch.validate(5).expect("valid");
+    }
+
+    #[test]
+    fn validate_rejects_each_broken_invariant() {
+        type Breaker = fn(&mut StepBatch);
+        let breakers: [(Breaker, &str); 7] = [
+            (|b| b.positions[1] = 7, "position"),
+            (|b| b.slot_mapping[6] = 3, "slot"),
+            (|b| b.seqs[1].block_table.truncate(2), "blocks"),
+            (|b| b.seqs[1].query_start = 5, "query_start"),
+            (|b| b.logits_rows.push(7), "logits_rows"),
+            (|b| b.block_size = 0, "block_size"),
+            (|b| b.token_ids.truncate(6), "token_ids"),
+        ];
+        for (breaker, word) in breakers {
+            let mut batch = two_seq_batch();
+            breaker(&mut batch);
+            let msg = batch.validate(5).expect_err(word).to_string();
+            assert!(msg.contains(word), "want {word}: {msg}");
+        }
+        let msg = two_seq_batch()
+            .validate(4)
+            .expect_err("block 4")
+            .to_string();
+        assert!(msg.contains("block 4"), "{msg}");
     }
 }

@@ -1,7 +1,18 @@
 //! The `Backend` trait: the device operations the Llama forward pass is written against.
 //! The CPU twin (`allam-backend-cpu`, f32) and the CUDA backend (`allam-backend-cuda`, bf16)
 //! implement it; `allam-model` and `allam-engine` only ever see `dyn Backend`.
+//!
+//! Device memory is reached only through opaque handles ([`Tensor`], [`Weight`], [`KvCache`],
+//! [`PreparedStep`]) that the creating backend downcasts; see `backend.rs` for tensor layouts.
 
+mod backend;
 mod batch;
+mod dtype;
+mod error;
+mod handle;
 
+pub use backend::{AttentionLayout, Backend, BackendInfo};
 pub use batch::{SeqInBatch, StepBatch};
+pub use dtype::{decode_to_f32, DType};
+pub use error::Error;
+pub use handle::{KvCache, KvCacheSpec, PreparedStep, Tensor, Weight};

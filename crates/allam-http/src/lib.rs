@@ -1,1 +1,75 @@
-//! allam-http.
+//! The HTTP front of the router: the OpenAI-compatible API (`/v1/chat/completions`,
+//! `/v1/completions`, `/v1/models`), vLLM's `/tokenize`, the model card's `/score`, probes
+//! (`/health`, `/ready`) and Prometheus `/metrics`.
+//!
+//! Invariants:
+//! - Every generation request becomes an `allam_request::RawRequest` and goes through
+//!   `Router::generate`, which validates before anything is streamed: a bad request is a 400
+//!   with OpenAI's error object whether or not `stream` is set.
+//! - Every error leaves through `Error`'s `IntoResponse` (one status mapping, one body shape).
+//! - No prompt or completion text in logs unless `HttpConfig::log_prompts`.
+//! - Handlers never block: tokenizer work happens in the router, off the async workers.
+
+// Half the traffic is Arabic: a byte-offset slice of a `str` is a panic waiting for a
+// multi-byte character (tgi #1795).
+#![warn(clippy::string_slice)]
+
+mod error;
+mod extract;
+mod openai;
+mod request_metrics;
+mod routes;
+mod state;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::Error;
+pub use state::{AppState, HttpConfig, DEFAULT_MAX_BODY_BYTES};
+
+/// All routes, with the body limit from the state's config.
+pub fn app(state: AppState) -> axum::Router {
+    let max_body_bytes = state.config().max_body_bytes;
+    axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(routes::generation::chat_completions),
+        )
+        .route("/v1/completions", post(routes::generation::completions))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{model}", get(routes::models::retrieve))
+        .route("/tokenize", post(routes::tokenize::tokenize))
+        .route("/score", post(routes::score::score))
+        .route("/health", get(routes::probes::health))
+        .route("/ready", get(routes::probes::ready))
+        .route("/metrics", get(routes::probes::metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> Error {
+    Error::RouteNotFound {
+        path: uri.path().to_owned(),
+    }
+}
+
+/// Serves [`app`] on `listener` until `shutdown` is cancelled, then stops accepting and waits
+/// for in-flight requests (streams included) to end; bound that wait with the caller's
+/// shutdown timeout.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "<unknown address>".to_owned(), |addr| addr.to_string());
+    tracing::info!(%addr, "HTTP API listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|source| Error::Serve { addr, source })
+}

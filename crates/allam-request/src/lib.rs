@@ -7,8 +7,14 @@
 //!
 //! Invariant: a `ValidRequest`'s prompt length + `max_new_tokens` fits the model context.
 
+// Prompts are Arabic as often as not: a byte-offset slice of a `str` is a panic waiting for a
+// multi-byte character (tgi #1795).
+#![warn(clippy::string_slice)]
+
 mod error;
-mod limits;
+pub mod limits;
+mod params;
+mod prompt;
 mod raw;
 mod valid;
 

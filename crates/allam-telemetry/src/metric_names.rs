@@ -7,6 +7,12 @@ pub const REQUESTS_TOTAL: &str = "allam_requests_total";
 pub const REQUEST_SUCCESSES_TOTAL: &str = "allam_request_successes_total";
 pub const REQUEST_FAILURES_TOTAL: &str = "allam_request_failures_total";
 pub const REQUEST_DURATION_SECONDS: &str = "allam_request_duration_seconds";
+/// Histogram of prompt tokens per successful request, labelled `api` (the HTTP/gRPC front).
+/// Token *counters* are the engine's ([`PROMPT_TOKENS_TOTAL`]); a front counting them too would
+/// double them when router and worker share a process.
+pub const REQUEST_PROMPT_TOKENS: &str = "allam_request_prompt_tokens";
+/// Histogram of generated tokens per successful request (all `n` choices), labelled `api`.
+pub const REQUEST_GENERATION_TOKENS: &str = "allam_request_generation_tokens";
 pub const ROUTER_RETRIES_TOTAL: &str = "allam_router_retries_total";
 pub const WORKER_GROUPS: &str = "allam_worker_groups";
 

@@ -2,6 +2,8 @@
 //! events a request's stream carries. No IO, no async, no wire formats: the router and the
 //! worker convert these to and from protobuf/JSON at their edges.
 
+pub mod prefix_hash;
+
 use std::fmt;
 
 /// A token id in the model's vocabulary.

@@ -1,0 +1,214 @@
+//! The `Backend` trait: one method per fused device op of the Llama forward pass.
+//!
+//! Granularity: coarse enough that a CUDA backend maps each method to one kernel (or one cuBLAS
+//! call), fine enough that `allam-model` writes the forward pass once for every device.
+//! Every op writes into caller-allocated outputs, so a backend never allocates inside a layer
+//! and shapes are checked once per op against the caller's intent.
+//!
+//! Activation layout: 2-D row-major `[rows, cols]`, one row per query token of the step.
+//! The fused attention projection output `qkv` is `[num_tokens, (n_heads + 2 * n_kv_heads) *
+//! head_dim]`, each row `[q heads | k heads | v heads]`, each head `head_dim` contiguous
+//! values. The fused MLP projection output is `[num_tokens, 2 * intermediate]`, each row
+//! `[gate | up]`.
+
+use crate::{DType, Error, KvCache, KvCacheSpec, PreparedStep, StepBatch, Tensor, Weight};
+
+/// What a backend is and what it computes in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Short stable name, e.g. `cpu`, `cuda`.
+    pub name: &'static str,
+    /// Human-readable device description (CPU model and threads, GPU name).
+    pub device: String,
+    /// dtype of every [`Tensor`] this backend allocates.
+    pub activation_dtype: DType,
+    /// dtype of the KV cache (used to size it).
+    pub kv_cache_dtype: DType,
+}
+
+/// Head geometry of one attention layer on this rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionLayout {
+    /// Query heads on this rank.
+    pub n_heads: usize,
+    /// KV heads on this rank; divides `n_heads` (query head `j` reads KV head
+    /// `j / (n_heads / n_kv_heads)`).
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies `q . k` before the softmax (`1 / sqrt(head_dim)` for Llama).
+    pub softmax_scale: f32,
+}
+
+impl AttentionLayout {
+    /// Width of one `qkv` row.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    /// Width of one attention output row (`n_heads * head_dim`).
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    /// Width of the K (or V) part of a `qkv` row.
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// The device operations the model is written against. Object safe; the engine holds a
+/// `Box<dyn Backend>` on its own thread (hence `Send`, not `Sync`).
+///
+/// Contract shared by every op: shapes are checked and a mismatch is
+/// [`Error::ShapeMismatch`] naming the op and operand; a handle made by another backend is
+/// [`Error::ForeignHandle`]; ops may run asynchronously on the device, and only
+/// [`Backend::to_host_f32`] synchronizes.
+pub trait Backend: Send {
+    fn info(&self) -> BackendInfo;
+
+    /// Bytes still available for the KV cache: free device memory on a GPU, the configured
+    /// budget minus what is allocated on the CPU.
+    fn free_memory_bytes(&mut self) -> Result<u64, Error>;
+
+    /// Uploads a weight from little-endian row-major `bytes` of `dtype` and `shape`, converting
+    /// to the backend's weight dtype. `name` is kept for messages.
+    fn upload_weight(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<Weight, Error>;
+
+    /// Uploads the RoPE table: `[max_positions, rotary_dim]` f32, row `p` =
+    /// `[cos(p * f_0) .. cos(p * f_{d/2-1}), sin(p * f_0) .. sin(p * f_{d/2-1})]`.
+    /// Kept in f32 on every backend (angles at large positions need it).
+    fn upload_rope_table(
+        &mut self,
+        max_positions: usize,
+        rotary_dim: usize,
+        cos_sin: &[f32],
+    ) -> Result<Weight, Error>;
+
+    /// Allocates an activation tensor of the activation dtype; contents unspecified.
+    fn alloc(&mut self, shape: &[usize]) -> Result<Tensor, Error>;
+
+    /// Uploads host f32 data as an activation tensor (tests, debugging).
+    fn upload_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Tensor, Error>;
+
+    /// Copies a tensor to the host as f32, waiting for queued work.
+    fn to_host_f32(&mut self, x: &Tensor) -> Result<Vec<f32>, Error>;
+
+    /// Allocates a zeroed paged KV cache (layout in [`KvCacheSpec`]).
+    fn alloc_kv_cache(&mut self, spec: &KvCacheSpec) -> Result<KvCache, Error>;
+
+    /// Copies whole blocks `src -> dst` in every layer, K and V (copy-on-write of shared
+    /// prefix blocks). Pairs are applied in order.
+    fn copy_kv_blocks(&mut self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<(), Error>;
+
+    /// Validates `batch` ([`StepBatch::validate`]) against `kv` and copies its metadata to
+    /// the device, once per step.
+    fn prepare_step(&mut self, batch: &StepBatch, kv: &KvCache) -> Result<PreparedStep, Error>;
+
+    /// `out[t] = table[token_ids[t]]`; table `[vocab, hidden]`, out `[num_tokens, hidden]`.
+    /// A token id outside the table is [`Error::InvalidBatch`].
+    fn embedding(
+        &mut self,
+        table: &Weight,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), Error>;
+
+    /// `out = x / sqrt(mean(x^2) + eps) * weight`, row-wise; x, out `[rows, hidden]`.
+    fn rms_norm(
+        &mut self,
+        x: &Tensor,
+        weight: &Weight,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<(), Error>;
+
+    /// Fused residual add + norm: `residual += x; out = rms_norm(residual)`.
+    fn add_rms_norm(
+        &mut self,
+        residual: &mut Tensor,
+        x: &Tensor,
+        weight: &Weight,
+        eps: f32,
+        out: &mut Tensor,
+    ) -> Result<(), Error>;
+
+    /// `out = x W^T`; x `[rows, in]`, weight `[out, in]`, out `[rows, out]`.
+    fn linear(&mut self, x: &Tensor, weight: &Weight, out: &mut Tensor) -> Result<(), Error>;
+
+    /// Rotates the q and k heads of `qkv` in place at each token's position (HF half-split
+    /// "rotate_half" convention: element `i < d/2` pairs with `i + d/2`).
+    /// `rope_table` comes from [`Backend::upload_rope_table`]; a position past its rows is
+    /// [`Error::InvalidBatch`].
+    fn rope(
+        &mut self,
+        qkv: &mut Tensor,
+        layout: &AttentionLayout,
+        rope_table: &Weight,
+        step: &PreparedStep,
+    ) -> Result<(), Error>;
+
+    /// Writes the k and v heads of `qkv` into `layer` of the cache at `slot_mapping`.
+    fn kv_write(
+        &mut self,
+        qkv: &Tensor,
+        layout: &AttentionLayout,
+        kv: &mut KvCache,
+        layer: usize,
+        step: &PreparedStep,
+    ) -> Result<(), Error>;
+
+    /// Causal paged attention for a mixed prefill/decode step: the query heads of `qkv` attend
+    /// to positions `0..=position` of their sequence, read from `layer` of the cache through
+    /// the block table (their own K/V must already be written by [`Backend::kv_write`]).
+    /// Softmax in f32. out `[num_tokens, n_heads * head_dim]`.
+    fn attention(
+        &mut self,
+        qkv: &Tensor,
+        layout: &AttentionLayout,
+        kv: &KvCache,
+        layer: usize,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), Error>;
+
+    /// `out = silu(gate) * up` over `gate_up` `[rows, 2 * n]` = `[gate | up]`; out `[rows, n]`.
+    fn silu_mul(&mut self, gate_up: &Tensor, out: &mut Tensor) -> Result<(), Error>;
+
+    /// `out[i] = x[logits_rows[i]]`; x `[num_tokens, cols]`, out `[num_logits_rows, cols]`.
+    fn gather_rows(
+        &mut self,
+        x: &Tensor,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), Error>;
+
+    /// Ranks in this backend's tensor-parallel group (1 = no parallelism).
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    /// This backend's rank in its tensor-parallel group.
+    fn rank(&self) -> usize {
+        0
+    }
+
+    /// Sums `x` elementwise over all ranks, in place (after row-parallel `o_proj` and
+    /// `down_proj`). The model calls it unconditionally; at world size 1 it is a no-op, and a
+    /// backend with more ranks must override it.
+    fn all_reduce_sum(&mut self, x: &mut Tensor) -> Result<(), Error> {
+        let _ = x;
+        if self.world_size() == 1 {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                op: "all_reduce_sum",
+                backend: self.info().name,
+                detail: format!("world size {} without an all-reduce", self.world_size()),
+            })
+        }
+    }
+}

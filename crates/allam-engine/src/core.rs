@@ -1,0 +1,615 @@
+//! The engine's state machine, run by the engine thread: admits requests, runs one step at a
+//! time (plan → batch → execute → sample → stream), and settles cancellations.
+//!
+//! A request owns `n` sequences. Before its prompt is computed it has one (index 0); the step
+//! that samples its first token forks the other `n - 1`, which share the prompt's full blocks.
+//!
+//! Invariants: every live sequence has a `SeqOutput` and belongs to a live request; a request's
+//! stream receives exactly one terminal event (`Finished` or `Failed`), after which the request
+//! and its sequences are gone and their blocks released. The engine never blocks on a client:
+//! event channels are unbounded (each request's events are bounded by its `n` and
+//! `max_new_tokens`), and a closed receiver cancels the request at the next step.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use allam_backend::StepBatch;
+use allam_request::{SamplingParams, ValidRequest};
+use allam_telemetry::metric_names as m;
+use allam_tokenizer::Tokenizer;
+use allam_types::{
+    EngineEvent, FinishReason, RequestId, SequenceEnd, StepLogprobs, Timings, TokenDelta,
+    TokenId, Usage,
+};
+use rand::Rng;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::block_manager::BlockPool;
+use crate::config::EngineConfig;
+use crate::executor::StepExecutor;
+use crate::failure_reason;
+use crate::output::SeqOutput;
+use crate::sampler::{SampleInput, Sampler};
+use crate::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, StepPlan};
+use crate::sequence::{SeqId, SeqState, Sequence};
+use crate::stats::{ModelInfo, Shared};
+
+/// How often, at most, the prefix-cache summary is rebuilt while busy.
+const HASH_PUBLISH_INTERVAL_MS: u128 = 50;
+
+pub(crate) struct NewRequest {
+    pub(crate) id: RequestId,
+    pub(crate) request: ValidRequest,
+    pub(crate) events: UnboundedSender<EngineEvent>,
+    pub(crate) submitted_at: Instant,
+}
+
+struct RequestState {
+    params: Arc<SamplingParams>,
+    events: UnboundedSender<EngineEvent>,
+    prompt_len: usize,
+    seed: u64,
+    submitted_at: Instant,
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+    live_seqs: Vec<SeqId>,
+    forked: bool,
+    completion_tokens: u32,
+    cached_tokens: Option<u32>,
+    /// Still counted in `Shared::queued_requests`.
+    queued: bool,
+    prompt_logprobs: Option<Vec<Option<StepLogprobs>>>,
+}
+
+pub(crate) struct EngineCore {
+    executor: Box<dyn StepExecutor>,
+    scheduler: Scheduler,
+    sampler: Sampler,
+    tokenizer: Tokenizer,
+    info: ModelInfo,
+    requests: HashMap<RequestId, RequestState>,
+    outputs: HashMap<SeqId, SeqOutput>,
+    next_seq_id: u64,
+    next_arrival: u64,
+    batch: StepBatch,
+    shared: Arc<Shared>,
+    max_published_hashes: usize,
+    hashes_published_at: Option<Instant>,
+    draining: bool,
+}
+
+impl EngineCore {
+    pub(crate) fn new(
+        executor: Box<dyn StepExecutor>,
+        tokenizer: Tokenizer,
+        info: ModelInfo,
+        config: &EngineConfig,
+        shared: Arc<Shared>,
+    ) -> EngineCore {
+        let pool = BlockPool::new(info.num_blocks, info.block_size, config.enable_prefix_caching);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: config.max_num_batched_tokens,
+                max_num_seqs: config.max_num_seqs,
+                chunk_size: config.chunk_size(),
+            },
+            pool,
+        );
+        EngineCore {
+            executor,
+            scheduler,
+            sampler: Sampler::new(info.vocab_size),
+            tokenizer,
+            info,
+            requests: HashMap::new(),
+            outputs: HashMap::new(),
+            next_seq_id: 0,
+            next_arrival: 0,
+            batch: StepBatch::default(),
+            shared,
+            max_published_hashes: config.max_published_hashes,
+            hashes_published_at: None,
+            draining: false,
+        }
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        self.scheduler.is_idle()
+    }
+
+    pub(crate) fn add_request(&mut self, new: NewRequest) {
+        let NewRequest {
+            id,
+            request,
+            events,
+            submitted_at,
+        } = new;
+        if self.draining {
+            self.shared.dequeue_request();
+            let _ = events.send(EngineEvent::Failed {
+                reason: failure_reason::UNAVAILABLE,
+                message: "the engine is shutting down; retry on another worker".to_owned(),
+            });
+            return;
+        }
+        let params = Arc::new(request.params().clone());
+        let prompt = request.prompt_token_ids().to_vec();
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let _ = events.send(EngineEvent::Started {
+            prompt_token_ids: prompt.clone(),
+        });
+        metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(prompt.len() as u64);
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let seq_id = self.new_seq_id();
+        let wants_prompt_logprobs = params.prompt_logprobs.is_some();
+        let seq = Sequence {
+            id: seq_id,
+            request_id: id,
+            index: 0,
+            priority: params.priority,
+            arrival,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            num_registered: 0,
+            prompt_logprobs_next: if wants_prompt_logprobs { 1 } else { usize::MAX },
+            state: SeqState::Waiting,
+        };
+        let prompt_len = seq.prompt_len;
+        self.outputs.insert(
+            seq_id,
+            SeqOutput::new(0, seed, &self.tokenizer, &params),
+        );
+        self.scheduler.add(seq);
+        self.requests.insert(
+            id,
+            RequestState {
+                params,
+                events,
+                prompt_len,
+                seed,
+                submitted_at,
+                scheduled_at: None,
+                first_token_at: None,
+                last_token_at: None,
+                live_seqs: vec![seq_id],
+                forked: false,
+                completion_tokens: 0,
+                cached_tokens: None,
+                queued: true,
+                prompt_logprobs: wants_prompt_logprobs.then(|| vec![None]),
+            },
+        );
+        self.publish_counts();
+    }
+
+    fn new_seq_id(&mut self) -> SeqId {
+        let id = SeqId(self.next_seq_id);
+        self.next_seq_id += 1;
+        id
+    }
+
+    /// The client is gone: drop the request without telling anyone.
+    pub(crate) fn cancel(&mut self, id: RequestId) {
+        self.remove_request(id);
+        self.publish_counts();
+    }
+
+    /// Stops admitting: fails every request not yet scheduled as retryable, keeps the rest.
+    pub(crate) fn drain(&mut self) {
+        self.draining = true;
+        let never_scheduled: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.scheduled_at.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in never_scheduled {
+            self.fail_request(
+                id,
+                failure_reason::UNAVAILABLE,
+                "the engine is shutting down before this request started; retry".to_owned(),
+            );
+        }
+    }
+
+    /// Fails everything (after `drain`, only started requests remain).
+    pub(crate) fn abort_all(&mut self, reason: &'static str, message: &str) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.fail_request(id, reason, message.to_owned());
+        }
+    }
+
+    fn fail_request(&mut self, id: RequestId, reason: &'static str, message: String) {
+        if let Some(state) = self.remove_request(id) {
+            self.publish_counts();
+            let _ = state.events.send(EngineEvent::Failed { reason, message });
+        }
+    }
+
+    fn remove_request(&mut self, id: RequestId) -> Option<RequestState> {
+        let state = self.requests.remove(&id)?;
+        for seq_id in &state.live_seqs {
+            self.scheduler.remove(*seq_id);
+            self.outputs.remove(seq_id);
+        }
+        if state.queued {
+            self.shared.dequeue_request();
+        }
+        Some(state)
+    }
+
+    fn reap_disconnected(&mut self) {
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove_request(id);
+        }
+    }
+
+    /// Runs exactly one step (nothing when no sequence is runnable).
+    pub(crate) fn step(&mut self) {
+        self.reap_disconnected();
+        let started = Instant::now();
+        let plan = self.scheduler.schedule();
+        if !plan.preempted.is_empty() {
+            metrics::counter!(m::PREEMPTIONS_TOTAL).increment(plan.preempted.len() as u64);
+        }
+        if plan.seqs.is_empty() {
+            self.publish_counts();
+            return;
+        }
+        self.scheduler.build_batch(&plan, &mut self.batch);
+        match self.executor.execute(&self.batch) {
+            Ok(logits) => {
+                self.scheduler.complete(&plan);
+                self.process_outputs(&plan, &logits);
+            }
+            Err(error) => self.fail_step(&plan, &error.to_string()),
+        }
+        self.shared.steps.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::STEP_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::BATCH_SIZE).record(plan.seqs.len() as f64);
+        self.publish_counts();
+        self.publish_hashes(false);
+    }
+
+    /// The forward pass failed: the requests in this step fail, the engine goes on. Their KV
+    /// writes of this step are discarded with their blocks (nothing of this step was entered
+    /// in the prefix cache, and shared blocks are never written), so other requests are safe.
+    fn fail_step(&mut self, plan: &StepPlan, message: &str) {
+        tracing::error!(error = %message, sequences = plan.seqs.len(), "model step failed");
+        let mut failed = Vec::new();
+        for s in &plan.seqs {
+            if let Some(seq) = self.scheduler.seq(s.seq_id) {
+                if !failed.contains(&seq.request_id) {
+                    failed.push(seq.request_id);
+                }
+            }
+        }
+        for id in failed {
+            self.fail_request(
+                id,
+                failure_reason::ENGINE_ERROR,
+                format!("the model step failed: {message}"),
+            );
+        }
+    }
+
+    fn process_outputs(&mut self, plan: &StepPlan, logits: &[f32]) {
+        let vocab = self.info.vocab_size;
+        let needed_rows = self.batch.logits_rows.len();
+        if logits.len() != needed_rows * vocab {
+            let message = format!(
+                "the model returned {} logits, expected {needed_rows} rows of {vocab}",
+                logits.len()
+            );
+            self.fail_step(plan, &message);
+            return;
+        }
+        let now = Instant::now();
+        let mut row_idx = 0usize;
+        for s in &plan.seqs {
+            let Some(request_id) = self.scheduler.seq(s.seq_id).map(|seq| seq.request_id) else {
+                row_idx += s.prompt_rows.len() + usize::from(s.samples);
+                continue;
+            };
+            self.note_scheduled(request_id, s, now);
+            for p in s.prompt_rows.clone() {
+                let row = &logits[row_idx * vocab..(row_idx + 1) * vocab];
+                row_idx += 1;
+                self.record_prompt_logprob(request_id, s.seq_id, p, row);
+            }
+            self.maybe_send_prompt_logprobs(request_id, s.seq_id);
+            if s.samples {
+                let row = &logits[row_idx * vocab..(row_idx + 1) * vocab];
+                row_idx += 1;
+                self.sample_and_emit(request_id, s.seq_id, row, now);
+            }
+        }
+    }
+
+    fn note_scheduled(&mut self, request_id: RequestId, s: &ScheduledSeq, now: Instant) {
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        if state.scheduled_at.is_none() {
+            state.scheduled_at = Some(now);
+            metrics::histogram!(m::QUEUE_DURATION_SECONDS)
+                .record(now.duration_since(state.submitted_at).as_secs_f64());
+        }
+        if state.queued {
+            state.queued = false;
+            self.shared.dequeue_request();
+        }
+        if let Some(cached) = s.admitted_cached_tokens {
+            if state.cached_tokens.is_none() {
+                state.cached_tokens = Some(cached as u32);
+            }
+        }
+    }
+
+    fn record_prompt_logprob(&mut self, request_id: RequestId, seq_id: SeqId, p: usize, row: &[f32]) {
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        let Some(collected) = state.prompt_logprobs.as_mut() else {
+            return;
+        };
+        // Entry `p + 1` (entry 0 is the `None` of the first token).
+        if collected.len() != p + 1 {
+            return;
+        }
+        let Some(&next_token) = self.scheduler.seq(seq_id).and_then(|q| q.tokens.get(p + 1)) else {
+            return;
+        };
+        let top_n = state.params.prompt_logprobs.unwrap_or(0) as usize;
+        collected.push(Some(self.sampler.logprobs(row, next_token, top_n)));
+    }
+
+    fn maybe_send_prompt_logprobs(&mut self, request_id: RequestId, seq_id: SeqId) {
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        let done = state
+            .prompt_logprobs
+            .as_ref()
+            .is_some_and(|c| c.len() >= state.prompt_len);
+        let owes = self
+            .scheduler
+            .seq(seq_id)
+            .is_some_and(|q| q.owes_prompt_logprobs());
+        if done && !owes {
+            if let Some(collected) = state.prompt_logprobs.take() {
+                let _ = state.events.send(EngineEvent::PromptLogprobs(collected));
+            }
+        }
+    }
+
+    fn sample_and_emit(&mut self, request_id: RequestId, seq_id: SeqId, row: &[f32], now: Instant) {
+        let Some(state) = self.requests.get(&request_id) else {
+            return;
+        };
+        let params = Arc::clone(&state.params);
+        let fork_now = !state.forked && params.n > 1;
+        let token = self.sample_for(seq_id, &params, row);
+        let mut sampled = vec![(seq_id, token)];
+        if fork_now {
+            sampled.extend(self.fork_children(request_id, seq_id, &params, row));
+        }
+        for (id, token) in sampled {
+            self.emit_token(request_id, id, token, row, &params, now);
+        }
+    }
+
+    fn sample_for(&mut self, seq_id: SeqId, params: &SamplingParams, row: &[f32]) -> TokenId {
+        let (Some(seq), Some(out)) = (self.scheduler.seq(seq_id), self.outputs.get_mut(&seq_id))
+        else {
+            return 0;
+        };
+        self.sampler.sample(
+            &SampleInput {
+                logits: row,
+                params,
+                tokens: &seq.tokens,
+                prompt_len: seq.prompt_len,
+                eos: &self.info.eos_token_ids,
+            },
+            &mut out.rng,
+        )
+    }
+
+    /// Creates sequences 1..n from the parent's computed prompt; each samples its first token
+    /// from the same logits row with its own RNG.
+    fn fork_children(
+        &mut self,
+        request_id: RequestId,
+        parent: SeqId,
+        params: &Arc<SamplingParams>,
+        row: &[f32],
+    ) -> Vec<(SeqId, TokenId)> {
+        let Some(parent_seq) = self.scheduler.seq(parent).cloned() else {
+            return Vec::new();
+        };
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return Vec::new();
+        };
+        state.forked = true;
+        let seed = state.seed;
+        let mut out = Vec::new();
+        for index in 1..params.n {
+            let id = SeqId(self.next_seq_id);
+            self.next_seq_id += 1;
+            let child = Sequence {
+                id,
+                index,
+                tokens: Vec::new(),
+                block_table: Vec::new(),
+                block_hashes: Vec::new(),
+                num_computed: 0,
+                num_registered: 0,
+                state: SeqState::Waiting,
+                ..parent_seq.clone()
+            };
+            self.scheduler.fork(parent, child);
+            self.outputs.insert(
+                id,
+                SeqOutput::new(index, seed, &self.tokenizer, params),
+            );
+            if let Some(state) = self.requests.get_mut(&request_id) {
+                state.live_seqs.push(id);
+            }
+            let token = self.sample_for(id, params, row);
+            out.push((id, token));
+        }
+        out
+    }
+
+    fn emit_token(
+        &mut self,
+        request_id: RequestId,
+        seq_id: SeqId,
+        token: TokenId,
+        row: &[f32],
+        params: &SamplingParams,
+        now: Instant,
+    ) {
+        let logprobs = params
+            .logprobs
+            .map(|top_n| vec![self.sampler.logprobs(row, token, top_n as usize)])
+            .unwrap_or_default();
+        self.scheduler.append_token(seq_id, token);
+        let Some(seq) = self.scheduler.seq(seq_id) else {
+            return;
+        };
+        let generated = seq.num_generated();
+        let context_full = seq.tokens.len() >= self.info.max_context;
+        let Some(out) = self.outputs.get_mut(&seq_id) else {
+            return;
+        };
+        let (text, finish) =
+            out.on_token(token, params, &self.info.eos_token_ids, generated, context_full);
+        let index = out.index;
+        metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(1);
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        match state.last_token_at {
+            None => {
+                state.first_token_at = Some(now);
+                metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS)
+                    .record(now.duration_since(state.submitted_at).as_secs_f64());
+            }
+            Some(last) if index == 0 => {
+                metrics::histogram!(m::INTER_TOKEN_LATENCY_SECONDS)
+                    .record(now.duration_since(last).as_secs_f64());
+            }
+            Some(_) => {}
+        }
+        if index == 0 || state.last_token_at.is_none() {
+            state.last_token_at = Some(now);
+        }
+        let _ = state.events.send(EngineEvent::Delta(TokenDelta {
+            index,
+            token_ids: vec![token],
+            text,
+            logprobs,
+        }));
+        if let Some(reason) = finish {
+            self.finish_sequence(request_id, seq_id, reason, now);
+        }
+    }
+
+    fn finish_sequence(&mut self, request_id: RequestId, seq_id: SeqId, reason: FinishReason, now: Instant) {
+        let seq = self.scheduler.remove(seq_id);
+        let out = self.outputs.remove(&seq_id);
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        state.live_seqs.retain(|id| *id != seq_id);
+        if let (Some(seq), Some(out)) = (seq, out) {
+            state.completion_tokens += seq.num_generated() as u32;
+            let _ = state.events.send(EngineEvent::SequenceEnd(SequenceEnd {
+                index: out.index,
+                finish_reason: reason,
+                text: out.text().to_owned(),
+                token_ids: seq.generated().to_vec(),
+            }));
+        }
+        let all_forked = state.forked || state.params.n <= 1;
+        if !state.live_seqs.is_empty() || !all_forked {
+            return;
+        }
+        let ms = |t: Option<Instant>| {
+            t.map_or(0.0, |t| t.duration_since(state.submitted_at).as_secs_f64() * 1e3)
+        };
+        let usage = Usage {
+            prompt_tokens: state.prompt_len as u32,
+            completion_tokens: state.completion_tokens,
+            cached_tokens: state.cached_tokens.unwrap_or(0),
+        };
+        let timings = Timings {
+            queue_ms: ms(state.scheduled_at),
+            ttft_ms: ms(state.first_token_at),
+            total_ms: ms(Some(now)),
+        };
+        if let Some(state) = self.requests.remove(&request_id) {
+            // Counts first, so a client that reads stats after `Finished` sees its blocks free.
+            self.publish_counts();
+            let _ = state.events.send(EngineEvent::Finished { usage, timings });
+        }
+    }
+
+    /// Publishes the cheap counters (atomics only).
+    pub(crate) fn publish_counts(&self) {
+        let shared = &self.shared;
+        let (queried, hit) = self.scheduler.prefix_cache_tokens();
+        let pool = self.scheduler.pool();
+        shared.running.store(self.scheduler.num_running(), Ordering::Relaxed);
+        shared.waiting.store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        shared.kv_blocks_used.store(pool.num_used(), Ordering::Relaxed);
+        let old_queried = shared.prefix_queried.swap(queried, Ordering::Relaxed);
+        let old_hit = shared.prefix_hit.swap(hit, Ordering::Relaxed);
+        shared
+            .preemptions
+            .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+        metrics::counter!(m::PREFIX_CACHE_QUERIED_TOKENS_TOTAL)
+            .increment(queried.saturating_sub(old_queried));
+        metrics::counter!(m::PREFIX_CACHE_HIT_TOKENS_TOTAL).increment(hit.saturating_sub(old_hit));
+        metrics::gauge!(m::RUNNING_REQUESTS).set(self.scheduler.num_running() as f64);
+        metrics::gauge!(m::WAITING_REQUESTS).set(self.scheduler.num_waiting() as f64);
+        metrics::gauge!(m::KV_CACHE_USAGE_RATIO)
+            .set(pool.num_used() as f64 / pool.num_blocks().max(1) as f64);
+        if queried > 0 {
+            metrics::gauge!(m::PREFIX_CACHE_HIT_RATIO).set(hit as f64 / queried as f64);
+        }
+    }
+
+    /// Rebuilds the prefix-cache summary, at most every `HASH_PUBLISH_INTERVAL_MS` unless
+    /// `force`. Skipped (not waited for) when a reader holds the lock.
+    pub(crate) fn publish_hashes(&mut self, force: bool) {
+        let due = force
+            || self
+                .hashes_published_at
+                .is_none_or(|t| t.elapsed().as_millis() >= HASH_PUBLISH_INTERVAL_MS);
+        if !due || !self.scheduler.pool().caching() {
+            return;
+        }
+        let hashes = Arc::new(self.scheduler.cached_hashes(self.max_published_hashes));
+        if let Ok(mut slot) = self.shared.cached_hashes.try_lock() {
+            *slot = hashes;
+            self.hashes_published_at = Some(Instant::now());
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! `Model`: Llama weights on a backend and the forward pass over one `StepBatch`.
+//!
+//! The forward pass is written once against `dyn Backend`; per layer:
+//! `h = norm(x)`, `qkv = h Wqkv^T`, RoPE on q/k, K/V into the paged cache, paged attention,
+//! `x += attn Wo^T` (all-reduced under tensor parallelism), `h = norm(x)`,
+//! `x += (silu(h Wg^T) * h Wu^T) Wd^T` (all-reduced). Residual adds are fused into the next
+//! norm. Only rows in `logits_rows` go through the final norm's gather and `lm_head`.
+
+use allam_backend::{AttentionLayout, Backend, KvCache, KvCacheSpec, StepBatch, Tensor, Weight};
+
+use crate::{Error, ModelConfig};
+
+pub(crate) struct LayerWeights {
+    pub(crate) input_norm: Weight,
+    /// `[q_dim + 2 * kv_dim, hidden]`, rows `[q | k | v]`.
+    pub(crate) qkv: Weight,
+    pub(crate) o_proj: Weight,
+    pub(crate) post_norm: Weight,
+    /// `[2 * intermediate, hidden]`, rows `[gate | up]`.
+    pub(crate) gate_up: Weight,
+    pub(crate) down: Weight,
+}
+
+/// A Llama model whose weights live on one backend.
+pub struct Model {
+    config: ModelConfig,
+    layout: AttentionLayout,
+    rms_norm_eps: f32,
+    embed: Weight,
+    layers: Vec<LayerWeights>,
+    final_norm: Weight,
+    /// `None` when embeddings are tied: `embed` doubles as the output projection.
+    lm_head: Option<Weight>,
+    rope_table: Weight,
+}
+
+/// Per-step activation buffers.
+struct Activations {
+    residual: Tensor,
+    normed: Tensor,
+    qkv: Tensor,
+    attn: Tensor,
+    /// Output of o_proj, then of down_proj: what the next norm adds to `residual`.
+    delta: Tensor,
+    gate_up: Tensor,
+    act: Tensor,
+}
+
+impl Model {
+    pub(crate) fn new(
+        config: ModelConfig,
+        embed: Weight,
+        layers: Vec<LayerWeights>,
+        final_norm: Weight,
+        lm_head: Option<Weight>,
+        rope_table: Weight,
+    ) -> Model {
+        Model {
+            layout: config.attention_layout(),
+            rms_norm_eps: config.rms_norm_eps as f32,
+            config,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope_table,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The KV cache geometry for `num_blocks` blocks of `block_size` tokens.
+    pub fn kv_cache_spec(&self, num_blocks: usize, block_size: usize) -> KvCacheSpec {
+        KvCacheSpec {
+            num_layers: self.config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            n_kv_heads: self.layout.n_kv_heads,
+            head_dim: self.layout.head_dim,
+        }
+    }
+
+    /// Bytes one KV block of `block_size` tokens takes over all layers (K and V), in the
+    /// backend's cache dtype.
+    pub fn kv_cache_bytes_per_block(&self, backend: &dyn Backend, block_size: usize) -> usize {
+        self.kv_cache_spec(1, block_size)
+            .bytes_per_block(backend.info().kv_cache_dtype)
+    }
+
+    pub fn alloc_kv_cache(
+        &self,
+        backend: &mut dyn Backend,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<KvCache, Error> {
+        backend
+            .alloc_kv_cache(&self.kv_cache_spec(num_blocks, block_size))
+            .map_err(Error::backend(format!(
+                "allocating a KV cache of {num_blocks} blocks x {block_size} tokens"
+            )))
+    }
+
+    /// Runs one step; returns host f32 logits, row-major `[batch.logits_rows.len(), vocab_size]`
+    /// (empty when no rows are asked for, e.g. a prefill chunk that is not the last).
+    pub fn forward(
+        &self,
+        backend: &mut dyn Backend,
+        kv: &mut KvCache,
+        batch: &StepBatch,
+    ) -> Result<Vec<f32>, Error> {
+        let step = backend
+            .prepare_step(batch, kv)
+            .map_err(Error::backend("preparing the step"))?;
+        let n = step.num_tokens();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let err = |op: &'static str, layer: usize| {
+            move |source| Error::Backend {
+                context: format!("layer {layer}: {op}"),
+                source,
+            }
+        };
+        let mut a = self.alloc_activations(backend, n)?;
+        let eps = self.rms_norm_eps;
+        let layout = &self.layout;
+        backend
+            .embedding(&self.embed, &step, &mut a.residual)
+            .map_err(Error::backend("embedding"))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i == 0 {
+                backend.rms_norm(&a.residual, &layer.input_norm, eps, &mut a.normed)
+            } else {
+                backend.add_rms_norm(
+                    &mut a.residual,
+                    &a.delta,
+                    &layer.input_norm,
+                    eps,
+                    &mut a.normed,
+                )
+            }
+            .map_err(err("input norm", i))?;
+            backend
+                .linear(&a.normed, &layer.qkv, &mut a.qkv)
+                .map_err(err("qkv projection", i))?;
+            backend
+                .rope(&mut a.qkv, layout, &self.rope_table, &step)
+                .map_err(err("rope", i))?;
+            backend
+                .kv_write(&a.qkv, layout, kv, i, &step)
+                .map_err(err("kv write", i))?;
+            backend
+                .attention(&a.qkv, layout, kv, i, &step, &mut a.attn)
+                .map_err(err("attention", i))?;
+            backend
+                .linear(&a.attn, &layer.o_proj, &mut a.delta)
+                .map_err(err("o projection", i))?;
+            backend
+                .all_reduce_sum(&mut a.delta)
+                .map_err(err("attention all-reduce", i))?;
+            backend
+                .add_rms_norm(
+                    &mut a.residual,
+                    &a.delta,
+                    &layer.post_norm,
+                    eps,
+                    &mut a.normed,
+                )
+                .map_err(err("post-attention norm", i))?;
+            backend
+                .linear(&a.normed, &layer.gate_up, &mut a.gate_up)
+                .map_err(err("gate/up projection", i))?;
+            backend
+                .silu_mul(&a.gate_up, &mut a.act)
+                .map_err(err("silu-mul", i))?;
+            backend
+                .linear(&a.act, &layer.down, &mut a.delta)
+                .map_err(err("down projection", i))?;
+            backend
+                .all_reduce_sum(&mut a.delta)
+                .map_err(err("mlp all-reduce", i))?;
+        }
+        backend
+            .add_rms_norm(
+                &mut a.residual,
+                &a.delta,
+                &self.final_norm,
+                eps,
+                &mut a.normed,
+            )
+            .map_err(Error::backend("final norm"))?;
+        let rows = step.num_logits_rows();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let hidden = self.config.hidden_size;
+        let mut picked = backend
+            .alloc(&[rows, hidden])
+            .map_err(Error::backend("allocating logits rows"))?;
+        backend
+            .gather_rows(&a.normed, &step, &mut picked)
+            .map_err(Error::backend("gathering logits rows"))?;
+        let mut logits = backend
+            .alloc(&[rows, self.config.vocab_size])
+            .map_err(Error::backend("allocating logits"))?;
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        backend
+            .linear(&picked, lm_head, &mut logits)
+            .map_err(Error::backend("lm_head"))?;
+        backend
+            .to_host_f32(&logits)
+            .map_err(Error::backend("copying logits to the host"))
+    }
+
+    fn alloc_activations(&self, backend: &mut dyn Backend, n: usize) -> Result<Activations, Error> {
+        let h = self.config.hidden_size;
+        let inter = self.config.intermediate_size;
+        let mut alloc = |cols: usize| {
+            backend.alloc(&[n, cols]).map_err(Error::backend(format!(
+                "allocating activations [{n}, {cols}]"
+            )))
+        };
+        Ok(Activations {
+            residual: alloc(h)?,
+            normed: alloc(h)?,
+            qkv: alloc(self.layout.qkv_width())?,
+            attn: alloc(self.layout.q_width())?,
+            delta: alloc(h)?,
+            gate_up: alloc(2 * inter)?,
+            act: alloc(inter)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_and_cache_can_move_to_the_engine_thread() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Model>();
+        assert_send_sync::<KvCache>();
+    }
+}

@@ -1,0 +1,303 @@
+//! Command-line flags. Names follow vLLM's where one exists (`--max-num-seqs`,
+//! `--load-format`, `--kv-cache-memory`); every flag has an `ALLAM_*` env twin.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "allam", version, about = "Serving cluster for the ALLaM family of Arabic/English LLMs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Offline generation in one process (no servers).
+    Generate(GenerateArgs),
+    /// Router + one worker group in one process, no etcd: the quickest way to serve.
+    Serve(ServeArgs),
+    /// The public router of a cluster: discovers worker groups in etcd.
+    Router(RouterArgs),
+    /// One worker group (its leader rank), registered in etcd.
+    Worker(WorkerArgs),
+    /// Starts `serve` on loopback, sends the model card's sample requests, prints the answers.
+    Demo(DemoArgs),
+    /// Writes a random-weight checkpoint of a preset shape (safetensors + config.json).
+    SynthModel(SynthModelArgs),
+    /// Writes the built-in demo model (our own bilingual tokenizer + random weights).
+    DemoModel(DemoModelArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoadFormat {
+    /// Read safetensors weights from the model directory.
+    Auto,
+    /// Random weights of the configured shape, as vLLM's `--load-format dummy`.
+    Dummy,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer files).
+    #[arg(long, env = "ALLAM_MODEL", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// A preset shape with dummy weights (allam-7b, allam-100m, tiny, demo).
+    #[arg(long, env = "ALLAM_PRESET")]
+    pub preset: Option<String>,
+    #[arg(long, value_enum, default_value = "auto", env = "ALLAM_LOAD_FORMAT")]
+    pub load_format: LoadFormat,
+    /// `cpu` or `cuda[:N]`.
+    #[arg(long, default_value = "cpu", env = "ALLAM_DEVICE")]
+    pub device: String,
+    /// Name clients use in the `model` field; defaults to the model directory's name.
+    #[arg(long, env = "ALLAM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Show a progress bar while loading weights.
+    #[arg(long)]
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16, env = "ALLAM_BLOCK_SIZE")]
+    pub block_size: usize,
+    /// KV-cache budget in bytes (suffixes K, M, G, Ki, Mi, Gi accepted).
+    #[arg(long, default_value = "256Mi", env = "ALLAM_KV_CACHE_MEMORY", value_parser = parse_bytes)]
+    pub kv_cache_memory: usize,
+    #[arg(long, default_value_t = 2048, env = "ALLAM_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 256, env = "ALLAM_MAX_NUM_SEQS")]
+    pub max_num_seqs: usize,
+    /// Requests allowed to wait for a slot; beyond it new ones are refused at once.
+    #[arg(long, default_value_t = 1024, env = "ALLAM_MAX_WAITING")]
+    pub max_waiting: usize,
+    #[arg(long, env = "ALLAM_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Cap on generated tokens.
+    #[arg(long)]
+    pub max_new_tokens: Option<i64>,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Greedy decoding (same as `do_sample=false`).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Return the chosen token's logprob and the top K per generated token.
+    #[arg(long)]
+    pub logprobs: Option<i64>,
+    /// Return the logprob of every prompt token.
+    #[arg(long)]
+    pub prompt_logprobs: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Raw prompt (no chat template; bos prepended).
+    #[arg(long, conflicts_with_all = ["messages", "requests"])]
+    pub prompt: Option<String>,
+    /// Chat messages as JSON: `[{"role": "user", "content": "..."}]`.
+    #[arg(long, conflicts_with = "requests")]
+    pub messages: Option<String>,
+    /// A user message (shorthand for `--messages` with one user turn).
+    #[arg(long, conflicts_with_all = ["prompt", "messages", "requests"])]
+    pub user: Option<String>,
+    /// System prompt placed before the messages.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// One request per line (same fields as the flags, as JSON); all submitted at once.
+    #[arg(long)]
+    pub requests: Option<PathBuf>,
+    /// Print one JSON object per request.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FrontArgs {
+    #[arg(long, default_value = "0.0.0.0:50051", env = "ALLAM_GRPC_ADDR")]
+    pub grpc_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:8000", env = "ALLAM_HTTP_ADDR")]
+    pub http_addr: SocketAddr,
+    /// API key clients must send (`Authorization: Bearer KEY`); repeatable.
+    #[arg(long, env = "ALLAM_API_KEY")]
+    pub api_key: Vec<String>,
+    /// File with one API key per line.
+    #[arg(long, env = "ALLAM_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest accepted HTTP body.
+    #[arg(long, default_value = "4Mi", value_parser = parse_bytes, env = "ALLAM_MAX_BODY_BYTES")]
+    pub max_body_bytes: usize,
+    /// In-flight requests per worker group before new ones get 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024, env = "ALLAM_MAX_OUTSTANDING_PER_GROUP")]
+    pub max_outstanding_per_group: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    #[arg(long, value_enum, default_value = "text", env = "ALLAM_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// OTLP/gRPC collector, e.g. http://127.0.0.1:4317.
+    #[arg(long, env = "ALLAM_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Allow prompt text in logs (off by default: prompts are user data).
+    #[arg(long, env = "ALLAM_LOG_PROMPTS")]
+    pub log_prompts: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub front: FrontArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    /// Seconds a SIGTERM'd server waits for running requests.
+    #[arg(long, default_value_t = 30, env = "ALLAM_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "ALLAM_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// Model directory to read the tokenizer and config from (the demo model when absent).
+    #[arg(long, env = "ALLAM_MODEL")]
+    pub model: Option<PathBuf>,
+    #[arg(long, env = "ALLAM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    #[command(flatten)]
+    pub front: FrontArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[arg(long, default_value_t = 30, env = "ALLAM_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[arg(long, env = "ALLAM_ETCD", value_delimiter = ',', required = true)]
+    pub etcd: Vec<String>,
+    /// Worker group name (the etcd key is /allam/v1/workers/<group>).
+    #[arg(long, env = "ALLAM_GROUP")]
+    pub group: String,
+    /// Internal gRPC listen address.
+    #[arg(long, default_value = "0.0.0.0:50061", env = "ALLAM_LISTEN")]
+    pub listen: SocketAddr,
+    /// Address the router should dial (defaults to the listen address).
+    #[arg(long, env = "ALLAM_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// etcd lease TTL in seconds.
+    #[arg(long, default_value_t = 10, env = "ALLAM_LEASE_TTL")]
+    pub lease_ttl: u64,
+    #[arg(long, default_value_t = 30, env = "ALLAM_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: u64,
+    /// Tensor-parallel ranks in this group.
+    #[arg(long, default_value_t = 1, env = "ALLAM_TP")]
+    pub tp: usize,
+    /// Serve Prometheus `/metrics` (and `/health`) on this address.
+    #[arg(long, env = "ALLAM_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Keep serving on the default ports after answering the sample requests.
+    #[arg(long)]
+    pub keep_serving: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthModelArgs {
+    #[arg(long)]
+    pub preset: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoModelArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Parses `512Mi`, `2G`, `1048576`.
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte size (examples: 512Mi, 2G, 1048576)"))?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "Ki" | "KiB" => 1024.0,
+        "Mi" | "MiB" => 1024.0 * 1024.0,
+        "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown byte unit `{other}` in `{text}`")),
+    };
+    Ok((number * scale) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("256Mi"), Ok(256 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("Mi").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

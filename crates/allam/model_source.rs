@@ -1,0 +1,183 @@
+//! Resolves `--model` / `--preset` / neither into weights, a tokenizer and a served name;
+//! writes the built-in demo model and synthetic checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+
+use allam_model::{LoadFormat, ModelConfig, ProgressMode};
+use allam_tokenizer::Tokenizer;
+use allam_worker::group::{Device, GroupConfig, Weights};
+
+use crate::cli::{self, DemoModelArgs, EngineArgs, ModelArgs, SynthModelArgs};
+
+/// Seed of the demo model's weights: fixed, so every machine serves the same demo model.
+const DEMO_SEED: u64 = 2024;
+
+/// A resolved model: where weights come from and the tokenizer that goes with them.
+pub struct ResolvedModel {
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    /// Directory holding the tokenizer files (the router reads it too).
+    pub tokenizer_dir: PathBuf,
+    pub served_name: String,
+    pub progress: ProgressMode,
+}
+
+/// `$ALLAM_CACHE` or `~/.cache/allam-serve`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ALLAM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/allam-serve")
+}
+
+/// The built-in demo model, written on first use.
+pub fn ensure_demo_model() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("demo-model-v1");
+    if !dir.join("model.safetensors").exists() {
+        eprintln!("writing the built-in demo model to {} (first run only)", dir.display());
+        write_demo_model(&dir)?;
+    }
+    Ok(dir)
+}
+
+/// Tokenizer trained by our own code + random weights sized to its vocabulary. Written to a
+/// temporary sibling and renamed, so an interrupted first run never leaves half a model.
+fn write_demo_model(dir: &Path) -> anyhow::Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let staging = parent.join(format!(".demo-model-{}", std::process::id()));
+    let tokenizer = allam_tokenizer::write_demo_tokenizer(&staging)
+        .with_context(|| format!("writing the demo tokenizer to {}", staging.display()))?;
+    let mut config = ModelConfig::preset("demo")?;
+    config.vocab_size = tokenizer.vocab_size();
+    allam_model::write_synthetic_checkpoint(&config, &staging, DEMO_SEED)
+        .with_context(|| format!("writing demo weights to {}", staging.display()))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&staging, dir)
+        .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
+    Ok(())
+}
+
+fn load_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
+    Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))
+}
+
+/// `--model DIR`, `--preset NAME` (dummy weights, demo tokenizer) or the demo model.
+pub fn resolve(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
+    let progress = if args.progress {
+        ProgressMode::Always
+    } else {
+        ProgressMode::Auto
+    };
+    let format = match args.load_format {
+        cli::LoadFormat::Auto => LoadFormat::Safetensors,
+        cli::LoadFormat::Dummy => LoadFormat::Dummy,
+    };
+    if let Some(dir) = &args.model {
+        if !dir.join("config.json").exists() {
+            bail!("--model {}: no config.json in that directory", dir.display());
+        }
+        let tokenizer = load_tokenizer(dir)?;
+        let served_name = args.served_model_name.clone().unwrap_or_else(|| {
+            dir.file_name()
+                .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned())
+        });
+        return Ok(ResolvedModel {
+            weights: Weights::Dir {
+                dir: dir.clone(),
+                format,
+            },
+            tokenizer,
+            tokenizer_dir: dir.clone(),
+            served_name,
+            progress,
+        });
+    }
+    let demo_dir = ensure_demo_model()?;
+    let tokenizer = load_tokenizer(&demo_dir)?;
+    if let Some(preset) = &args.preset {
+        let config = ModelConfig::preset(preset)?;
+        return Ok(ResolvedModel {
+            weights: Weights::Dummy {
+                config: Box::new(config),
+                seed: 0,
+            },
+            tokenizer,
+            tokenizer_dir: demo_dir,
+            served_name: args.served_model_name.clone().unwrap_or_else(|| preset.clone()),
+            progress,
+        });
+    }
+    Ok(ResolvedModel {
+        weights: Weights::Dir {
+            dir: demo_dir.clone(),
+            format: LoadFormat::Safetensors,
+        },
+        tokenizer,
+        tokenizer_dir: demo_dir,
+        served_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| "allam-demo".to_owned()),
+        progress,
+    })
+}
+
+/// The engine flags as an `EngineConfig`.
+pub fn engine_config(args: &EngineArgs) -> allam_engine::EngineConfig {
+    allam_engine::EngineConfig {
+        block_size: args.block_size,
+        kv_cache_bytes: Some(args.kv_cache_memory),
+        num_blocks: None,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.max_num_seqs,
+        max_waiting: args.max_waiting,
+        enable_prefix_caching: !args.no_prefix_caching,
+        ..allam_engine::EngineConfig::default()
+    }
+}
+
+pub fn group_config(
+    resolved: &ResolvedModel,
+    model: &ModelArgs,
+    engine: &EngineArgs,
+) -> anyhow::Result<GroupConfig> {
+    let device: Device = model
+        .device
+        .parse()
+        .with_context(|| format!("--device {}", model.device))?;
+    Ok(GroupConfig {
+        weights: resolved.weights.clone(),
+        device,
+        engine: engine_config(engine),
+        progress: resolved.progress,
+    })
+}
+
+pub fn synth_model(args: SynthModelArgs) -> anyhow::Result<ExitCode> {
+    let config = ModelConfig::preset(&args.preset)?;
+    allam_model::write_synthetic_checkpoint(&config, &args.out, args.seed)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    // A checkpoint is only usable with a tokenizer: ship the demo one beside the weights.
+    allam_tokenizer::write_demo_tokenizer(&args.out)
+        .with_context(|| format!("writing the demo tokenizer to {}", args.out.display()))?;
+    eprintln!(
+        "wrote preset `{}` ({} parameters) to {}",
+        args.preset,
+        config.num_parameters(),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn demo_model(args: DemoModelArgs) -> anyhow::Result<ExitCode> {
+    write_demo_model(&args.out)?;
+    eprintln!("wrote the demo model to {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: the README's test command, and what .ci/run runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+# Build outside the clone so that CI and fresh clones build incrementally.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/allam-serve/target}"
+eval "$(scripts/install-nvrtc.sh --print-env)"
+export ALLAM_PYTHON="${ALLAM_PYTHON:-${ALLAM_CACHE:-$HOME/.cache/allam-serve}/pyclients/bin/python}"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+scripts/check-helm.sh
