@@ -26,7 +26,7 @@
 #      must be in the golden top-5, and comparison stops). The same requests on --device cpu
 #      are checked at 1e-3 / exact ids, which separates pipeline bugs from CUDA numerics.
 #   c. benchmark, allam-7b dummy preset, then transformers on the same GPU in the same run:
-#          .gpu/allam bench --preset allam-7b --device cuda --ttft 128,512,2048 \
+#          .gpu/allam bench-engine --preset allam-7b --device cuda --ttft 128,512,2048 \
 #              --decode-tokens 256 --concurrency 1,8,64,256 --input-len 512 --output-len 128 \
 #              --json OUT
 #      expected JSON: {"ttft_ms": {"128": ms, ...}, "batch1_decode_tok_s": x,
@@ -229,10 +229,10 @@ fi
 
 # ------------------------------------------------------------------------------------------
 # c. benchmark: allam-serve, then transformers on the same GPU
-if has_cmd bench; then
+if has_cmd bench-engine; then
     lim=$(stage_limit 150)
     log "stage c: allam bench allam-7b (limit ${lim}s)"
-    timeout "$lim" "$ALLAM" bench --preset allam-7b --device cuda --ttft 128,512,2048 --decode-tokens 256 \
+    timeout "$lim" "$ALLAM" bench-engine --preset allam-7b --device cuda --kv-cache-memory 40Gi --max-num-seqs 256 --ttft 128,512,2048 --decode-tokens 256 \
         --concurrency 1,8,64,256 --input-len 512 --output-len 128 --json "$RES/bench-allam.json" \
         >"$RES/bench-allam.log" 2>&1
     rc=$?
@@ -298,6 +298,7 @@ for b in ("1", "8", "64", "256"):
 PY
 cat "$RES/report.md"
 log "done in $((SECONDS - START))s; results in $RES"
-# Exit status: 0 only if every correctness stage that ran passed.
+# Exit status: 1 if a stage failed, 2 if a correctness stage (a, b) could not run, else 0.
 for s in "${STATUS[@]}"; do [[ $s == *FAIL* ]] && exit 1; done
+for s in "${STATUS[@]}"; do [[ $s == binary:* || ( $s == [ab].* && $s == *"NOT RUN"* ) ]] && exit 2; done
 exit 0

@@ -29,6 +29,45 @@ pub enum Command {
     SynthModel(SynthModelArgs),
     /// Writes the built-in demo model (our own bilingual tokenizer + random weights).
     DemoModel(DemoModelArgs),
+    /// Offline engine benchmark in this process: TTFT, batch-1 decode, throughput.
+    BenchEngine(BenchEngineArgs),
+    /// Every CUDA op against its CPU twin on random inputs (needs an NVIDIA GPU).
+    GpuSelftest(GpuSelftestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEngineArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt lengths whose time to first token is measured.
+    #[arg(long, default_value = "128,512,2048")]
+    pub ttft: String,
+    /// Tokens generated for the batch-1 decode measurement.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Concurrent requests for the throughput measurement.
+    #[arg(long, default_value = "1,8,32")]
+    pub concurrency: String,
+    #[arg(long, default_value_t = 512)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the report here instead of stdout.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GpuSelftestArgs {
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    /// Write the checks as a JSON array here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,9 +1,11 @@
 //! `allam`: the composition root. Parses flags, installs signal handlers and telemetry, and
 //! wires router, worker, engine and backend together. The only place that uses `anyhow`.
 
+mod bench_engine;
 mod cli;
 mod demo;
 mod generate;
+mod gpu_selftest;
 mod model_source;
 mod serve;
 
@@ -30,5 +32,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Router(args) => serve::router(args),
         Command::Worker(args) => serve::worker(args),
         Command::Demo(args) => demo::run(args),
+        Command::BenchEngine(args) => bench_engine::run(args),
+        Command::GpuSelftest(args) => gpu_selftest::run(args),
     }
 }

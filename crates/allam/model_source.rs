@@ -19,8 +19,6 @@ const DEMO_SEED: u64 = 2024;
 pub struct ResolvedModel {
     pub weights: Weights,
     pub tokenizer: Tokenizer,
-    /// Directory holding the tokenizer files (the router reads it too).
-    pub tokenizer_dir: PathBuf,
     pub served_name: String,
     pub progress: ProgressMode,
 }
@@ -94,7 +92,6 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
                 format,
             },
             tokenizer,
-            tokenizer_dir: dir.clone(),
             served_name,
             progress,
         });
@@ -109,7 +106,6 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
                 seed: 0,
             },
             tokenizer,
-            tokenizer_dir: demo_dir,
             served_name: args.served_model_name.clone().unwrap_or_else(|| preset.clone()),
             progress,
         });
@@ -120,7 +116,6 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
             format: LoadFormat::Safetensors,
         },
         tokenizer,
-        tokenizer_dir: demo_dir,
         served_name: args
             .served_model_name
             .clone()

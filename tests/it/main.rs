@@ -2,3 +2,6 @@
 
 mod support;
 mod tidy;
+mod cli;
+mod cluster;
+mod clients;

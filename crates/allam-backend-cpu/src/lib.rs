@@ -7,14 +7,21 @@
 //!
 //! Memory: "free memory" is a configured KV-cache budget minus the KV caches allocated so far
 //! (weights are not counted: the host has no hard limit worth modelling).
+//!
+//! Tensor parallelism: a backend built with [`CpuBackend::with_communicator`] is one rank of a
+//! group; `all_reduce_sum` and `all_gather_cols` go through the `allam_comm::Communicator`
+//! (ranks in separate processes), and a failed collective is `Error::Collective`.
 
 mod attention;
 mod error;
 mod matmul;
 mod rowwise;
 mod storage;
+mod tp;
 
 use std::sync::Arc;
+
+use allam_comm::Communicator;
 
 use allam_backend::{
     decode_to_f32, AttentionLayout, Backend, BackendInfo, DType, Error as OpError, KvCache,
@@ -49,6 +56,8 @@ pub struct CpuBackend {
     threads: usize,
     kv_cache_budget_bytes: u64,
     kv_cache_allocated_bytes: u64,
+    /// The tensor-parallel group; `None` = a group of one.
+    comm: Option<Arc<dyn Communicator>>,
 }
 
 impl CpuBackend {
@@ -70,7 +79,19 @@ impl CpuBackend {
             threads,
             kv_cache_budget_bytes: config.kv_cache_budget_bytes,
             kv_cache_allocated_bytes: 0,
+            comm: None,
         })
+    }
+
+    /// A backend that is rank `comm.rank()` of a tensor-parallel group of
+    /// `comm.world_size()`: the model loaded onto it takes only this rank's slices.
+    pub fn with_communicator(
+        config: &CpuBackendConfig,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<CpuBackend, Error> {
+        let mut backend = CpuBackend::new(config)?;
+        backend.comm = Some(comm);
+        Ok(backend)
     }
 
     /// Worker threads of this backend's pool.
@@ -141,7 +162,15 @@ impl Backend for CpuBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
             name: BACKEND_NAME,
-            device: format!("host CPU, {} threads", self.threads),
+            device: match &self.comm {
+                Some(comm) if comm.world_size() > 1 => format!(
+                    "host CPU, {} threads, rank {} of {}",
+                    self.threads,
+                    comm.rank(),
+                    comm.world_size()
+                ),
+                _ => format!("host CPU, {} threads", self.threads),
+            },
             activation_dtype: DType::F32,
             kv_cache_dtype: DType::F32,
         }
@@ -519,6 +548,36 @@ impl Backend for CpuBackend {
         let x = storage::tensor(OP, "x", x)?;
         rowwise::gather_rows(x, cols, rows, storage::tensor_mut(OP, "out", out)?);
         Ok(())
+    }
+
+    fn embedding_shard(
+        &mut self,
+        table: &Weight,
+        vocab_start: usize,
+        vocab_size: usize,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        tp::embedding_shard(table, vocab_start, vocab_size, step, out)
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.as_ref().map_or(1, |c| c.world_size())
+    }
+
+    fn rank(&self) -> usize {
+        self.comm.as_ref().map_or(0, |c| c.rank())
+    }
+
+    fn all_reduce_sum(&mut self, x: &mut Tensor) -> Result<(), OpError> {
+        match &self.comm {
+            Some(comm) => tp::all_reduce_sum(comm.as_ref(), x),
+            None => Ok(()),
+        }
+    }
+
+    fn all_gather_cols(&mut self, x: &Tensor, out: &mut Tensor) -> Result<(), OpError> {
+        tp::all_gather_cols(self.comm.as_deref(), x, out)
     }
 }
 

@@ -9,8 +9,8 @@ use allam_kernels::{
     arch_of_compute_capability, compile_ptx, CacheOutcome, Kernel, NvrtcConfig, CUDA_MAJOR,
 };
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::sys::{CUdevice_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
 use crate::Error;
@@ -57,7 +57,7 @@ pub(crate) fn open(ordinal: usize, nvrtc: &NvrtcConfig) -> Result<Device, Error>
     let count = match CudaContext::device_count() {
         Ok(n) => n.max(0) as usize,
         // cuInit answers CUDA_ERROR_NO_DEVICE when the driver sees no GPU.
-        Err(e) if format!("{e:?}").contains("NO_DEVICE") => 0,
+        Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
         Err(e) => return Err(Error::driver("initialising the CUDA driver", e)),
     };
     if ordinal >= count {

@@ -175,6 +175,31 @@ pub trait Backend: Send {
         out: &mut Tensor,
     ) -> Result<(), Error>;
 
+    /// Vocabulary-parallel embedding: `table` holds rows `vocab_start .. vocab_start + rows`
+    /// of the full `[vocab_size, hidden]` table. `out[t]` is the table row of `token_ids[t]`
+    /// when the id falls in this slice and zeros otherwise, so an [`Backend::all_reduce_sum`]
+    /// over the ranks completes the lookup. An id `>= vocab_size` is [`Error::InvalidBatch`].
+    /// The default serves only the whole table (world size 1) through [`Backend::embedding`].
+    fn embedding_shard(
+        &mut self,
+        table: &Weight,
+        vocab_start: usize,
+        vocab_size: usize,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), Error> {
+        if vocab_start == 0 && table.shape().first() == Some(&vocab_size) {
+            return self.embedding(table, step, out);
+        }
+        Err(Error::Unsupported {
+            op: "embedding_shard",
+            backend: self.info().name,
+            detail: format!(
+                "a vocabulary slice from row {vocab_start} of {vocab_size} (tensor parallelism)"
+            ),
+        })
+    }
+
     /// `out = silu(gate) * up` over `gate_up` `[rows, 2 * n]` = `[gate | up]`; out `[rows, n]`.
     fn silu_mul(&mut self, gate_up: &Tensor, out: &mut Tensor) -> Result<(), Error>;
 
@@ -210,5 +235,18 @@ pub trait Backend: Send {
                 detail: format!("world size {} without an all-reduce", self.world_size()),
             })
         }
+    }
+
+    /// Concatenates every rank's `x` (`[rows, cols_r]`, same `rows` everywhere) along the
+    /// columns, in rank order, into `out` `[rows, sum of cols_r]`: the vocabulary-parallel
+    /// `lm_head` gathers its logits with it. The model calls it only at world size > 1; a
+    /// backend with more ranks must override it.
+    fn all_gather_cols(&mut self, x: &Tensor, out: &mut Tensor) -> Result<(), Error> {
+        let _ = (x, out);
+        Err(Error::Unsupported {
+            op: "all_gather_cols",
+            backend: self.info().name,
+            detail: format!("world size {} without an all-gather", self.world_size()),
+        })
     }
 }

@@ -58,6 +58,10 @@ pub enum Error {
         backend: &'static str,
         detail: String,
     },
+    /// A collective with the other ranks of a tensor-parallel group failed (a peer died,
+    /// hung or fell out of step); the group is unusable from then on.
+    #[error("{op}: collective with the tensor-parallel group failed: {message}")]
+    Collective { op: &'static str, message: String },
     /// The device or its driver reported a failure.
     #[error("device error in {op} on backend `{backend}`: {message}")]
     Device {
@@ -78,6 +82,7 @@ impl Error {
             Error::InvalidBatch { .. } => "invalid_batch",
             Error::OutOfMemory { .. } => "out_of_memory",
             Error::Unsupported { .. } => "unsupported",
+            Error::Collective { .. } => "collective",
             Error::Device { .. } => "device_error",
         }
     }

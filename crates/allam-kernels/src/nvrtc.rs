@@ -236,7 +236,11 @@ fn builtins_libraries(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
         .collect();
     found.sort();
     found
@@ -481,10 +485,17 @@ mod tests {
     #[test]
     fn builtins_are_found_beside_nvrtc_but_not_the_alt_variant() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for name in ["libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc-builtins.alt.so.13.0"] {
+        for name in [
+            "libnvrtc.so.13",
+            "libnvrtc-builtins.so.13.0",
+            "libnvrtc-builtins.alt.so.13.0",
+        ] {
             std::fs::write(dir.path().join(name), "").expect("write");
         }
-        assert_eq!(builtins_libraries(dir.path()), vec![dir.path().join("libnvrtc-builtins.so.13.0")]);
+        assert_eq!(
+            builtins_libraries(dir.path()),
+            vec![dir.path().join("libnvrtc-builtins.so.13.0")]
+        );
         assert!(builtins_libraries(&dir.path().join("absent")).is_empty());
     }
 

@@ -15,7 +15,9 @@ use std::process::Command;
 #[test]
 fn kernels_match_references_under_the_cpu_emulator() {
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
-        panic!("the kernel emulator's context switch is x86-64 Linux assembly; run this test there");
+        panic!(
+            "the kernel emulator's context switch is x86-64 Linux assembly; run this test there"
+        );
     }
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let emu = manifest.join("tests").join("emu");
@@ -24,7 +26,13 @@ fn kernels_match_references_under_the_cpu_emulator() {
     let exe = dir.path().join("emu_tests");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
     let build = Command::new(&cxx)
-        .args(["-O2", "-std=c++17", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-I"])
+        .args([
+            "-O2",
+            "-std=c++17",
+            "-fno-strict-aliasing",
+            "-Wno-unknown-pragmas",
+            "-I",
+        ])
         .arg(&emu)
         .arg("-I")
         .arg(&kernels)
@@ -33,13 +41,17 @@ fn kernels_match_references_under_the_cpu_emulator() {
         .arg("-o")
         .arg(&exe)
         .output()
-        .unwrap_or_else(|e| panic!("running the C++ compiler `{cxx}` failed ({e}): install g++ or set CXX"));
+        .unwrap_or_else(|e| {
+            panic!("running the C++ compiler `{cxx}` failed ({e}): install g++ or set CXX")
+        });
     assert!(
         build.status.success(),
         "compiling the kernels for the emulator failed:\n{}",
         String::from_utf8_lossy(&build.stderr)
     );
-    let run = Command::new(&exe).output().expect("run the emulated kernel checks");
+    let run = Command::new(&exe)
+        .output()
+        .expect("run the emulated kernel checks");
     let stdout = String::from_utf8_lossy(&run.stdout);
     println!("{stdout}");
     assert!(
@@ -51,6 +63,10 @@ fn kernels_match_references_under_the_cpu_emulator() {
     // Every kernel symbol must have been exercised.
     let src = std::fs::read_to_string(emu.join("emu_tests.cpp")).expect("read emu_tests.cpp");
     for k in allam_kernels::Kernel::all() {
-        assert!(src.contains(k.symbol()), "emu_tests.cpp never launches {}", k.symbol());
+        assert!(
+            src.contains(k.symbol()),
+            "emu_tests.cpp never launches {}",
+            k.symbol()
+        );
     }
 }

@@ -315,8 +315,9 @@ impl LeaseLoop {
         let sent_at = Instant::now();
         match self.keep_alive_once(lease).await {
             Ok(ttl_secs) if ttl_secs > 0 => {
-                lease.expires_at = sent_at + Duration::from_secs(ttl_secs.unsigned_abs());
-                lease.next_renewal = renewal_time(lease.expires_at, self.ttl());
+                let ttl = Duration::from_secs(ttl_secs.unsigned_abs());
+                lease.expires_at = sent_at + ttl;
+                lease.next_renewal = renewal_time(lease.expires_at, ttl);
                 self.backoff.reset();
                 return true;
             }
@@ -346,10 +347,6 @@ impl LeaseLoop {
         }
         lease.next_renewal = now + retry_delay(self.backoff.next_delay(), lease.expires_at - now);
         true
-    }
-
-    fn ttl(&self) -> Duration {
-        Duration::from_secs(self.ttl_secs.unsigned_abs())
     }
 
     async fn keep_alive_once(&mut self, lease: &mut Lease) -> Result<i64, Error> {

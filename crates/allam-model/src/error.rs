@@ -79,6 +79,23 @@ pub enum Error {
         end: usize,
         rows: usize,
     },
+    /// A column range outside a 2-D tensor was requested (or the tensor is not 2-D).
+    #[error("tensor `{tensor}` in {path}: columns {start}..{end} of a tensor of shape {shape:?}")]
+    ColumnRange {
+        tensor: String,
+        path: PathBuf,
+        start: usize,
+        end: usize,
+        shape: Vec<usize>,
+    },
+    /// The model cannot be split over the tensor-parallel group.
+    #[error("tensor parallelism over {world_size} ranks: `{field}` = {value} {detail}")]
+    TensorParallel {
+        world_size: usize,
+        field: &'static str,
+        value: usize,
+        detail: String,
+    },
     /// `--preset` named no known preset.
     #[error("unknown model preset `{name}`; known presets: {known}")]
     UnknownPreset { name: String, known: String },
@@ -107,6 +124,8 @@ impl Error {
             Error::TensorShape { .. } => "tensor_shape",
             Error::TensorDType { .. } => "tensor_dtype",
             Error::RowRange { .. } => "row_range",
+            Error::ColumnRange { .. } => "column_range",
+            Error::TensorParallel { .. } => "tensor_parallel",
             Error::UnknownPreset { .. } => "unknown_preset",
             Error::Backend { source, .. } => source.reason(),
         }

@@ -2,10 +2,11 @@
 //! (one `model.safetensors`, or shards listed by `model.safetensors.index.json`), memory
 //! mapped so a tensor's bytes are read straight from the page cache.
 //!
-//! Tensor parallelism (later) reads only a rank's slice: column-parallel weights (q/k/v,
-//! gate/up, lm_head) are row ranges of `[out, in]` tensors, served by
+//! Tensor parallelism reads only a rank's slice: column-parallel weights (q/k/v, gate/up,
+//! embedding, lm_head) are row ranges of `[out, in]` tensors, served by
 //! [`WeightSource::read_rows`] without copying the rest. Row-parallel weights (o_proj,
-//! down_proj) need column ranges; that will be a `read_cols` next to it.
+//! down_proj) are column ranges, served by [`WeightSource::read_cols`], which copies just the
+//! slice out of each row.
 //!
 //! Invariant: a `SafetensorsSource` only exists if every shard's header parsed and its
 //! declared tensors exactly cover the file, so every later slice is in bounds.
@@ -68,6 +69,37 @@ pub trait WeightSource: Send + Sync {
             Cow::Borrowed(all) => Cow::Borrowed(&all[range]),
             Cow::Owned(all) => Cow::Owned(all[range].to_vec()),
         })
+    }
+
+    /// Bytes of columns `cols` of the 2-D tensor `name`, row-major `[rows, cols.len()]`.
+    /// Borrowed when the range is every column of a memory-mapped tensor; otherwise only the
+    /// slice is copied.
+    fn read_cols(&self, name: &str, cols: Range<usize>) -> Result<Cow<'_, [u8]>, Error> {
+        let meta = self.meta(name)?;
+        let bad = || Error::ColumnRange {
+            tensor: name.to_owned(),
+            path: meta.file.clone(),
+            start: cols.start,
+            end: cols.end,
+            shape: meta.shape.clone(),
+        };
+        let [rows, total_cols] = meta.shape[..] else {
+            return Err(bad());
+        };
+        if cols.start > cols.end || cols.end > total_cols {
+            return Err(bad());
+        }
+        let all = self.read(name)?;
+        if cols.start == 0 && cols.end == total_cols {
+            return Ok(all);
+        }
+        let elem = meta.dtype.size_in_bytes();
+        let row_bytes = total_cols * elem;
+        let mut out = Vec::with_capacity(rows * cols.len() * elem);
+        for row in all.chunks_exact(row_bytes) {
+            out.extend_from_slice(&row[cols.start * elem..cols.end * elem]);
+        }
+        Ok(Cow::Owned(out))
     }
 }
 

@@ -1,8 +1,8 @@
 //! The router: the public gRPC API and the routing of requests over worker groups.
 //!
 //! [`Router`] validates a request (through `allam_request::validate`, off the async workers),
-//! picks a worker group by least outstanding work with prefix-cache affinity
-//! ([`policy`](crate) module docs), runs it there over the internal `allam.worker.v1` API, and
+//! picks a worker group by least outstanding work with prefix-cache affinity (the `policy`
+//! module's docs give the cost function), runs it there over the internal `allam.worker.v1` API, and
 //! retries once on another group if the first fails before its first token. Membership is a
 //! static list or an etcd watch. [`serve_grpc`] exposes it as `allam.v1.Generation` with gRPC
 //! health and reflection; `allam-http` puts the OpenAI API on the same `Router`.

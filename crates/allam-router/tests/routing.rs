@@ -302,7 +302,10 @@ async fn deadline_ends_the_stream_and_reaches_the_worker() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     let mut request = tonic::Request::new(chat_request("hi"));
     request.set_timeout(Duration::from_millis(400));
-    let status = client.chat(request).await.expect_err("unary past its deadline");
+    let status = client
+        .chat(request)
+        .await
+        .expect_err("unary past its deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     stop.cancel();
 }
@@ -595,6 +598,49 @@ async fn etcd_membership_adds_and_removes_groups() {
         .expect("the group leaves routing after deregistering")
         .expect("router alive");
     assert!(router.groups().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_the_certificate() {
+    let a = start_fake("a", NORMAL).await;
+    let router = router(&[&a]).await;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed cert");
+    let cert_pem = certified.cert.pem();
+    let tls = allam_router::TlsConfig {
+        cert_pem: cert_pem.clone().into_bytes(),
+        key_pem: certified.key_pair.serialize_pem().into_bytes(),
+        client_ca_pem: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    tokio::spawn(allam_router::serve_grpc(
+        router,
+        listener,
+        stop.clone(),
+        Some(tls),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(cert_pem))
+                .domain_name("localhost"),
+        )
+        .expect("client tls")
+        .connect()
+        .await
+        .expect("TLS handshake with the router");
+    let response = GenerationClient::new(channel)
+        .chat(chat_request("hi"))
+        .await
+        .expect("chat over TLS")
+        .into_inner();
+    assert_eq!(response.text, "t0 t1 t2 t3 ");
+    stop.cancel();
 }
 
 fn chat_request(text: &str) -> pb::ChatRequest {

@@ -15,6 +15,15 @@ pub const REQUEST_PROMPT_TOKENS: &str = "allam_request_prompt_tokens";
 pub const REQUEST_GENERATION_TOKENS: &str = "allam_request_generation_tokens";
 pub const ROUTER_RETRIES_TOTAL: &str = "allam_router_retries_total";
 pub const WORKER_GROUPS: &str = "allam_worker_groups";
+// Per worker group, labelled `group`, as the router last saw it (set at each `/metrics` scrape
+// of the router from `Router::groups()`; a worker's own engine gauges have no `group` label).
+/// 1 when the group answered its last load poll, else 0.
+pub const WORKER_GROUP_HEALTHY: &str = "allam_worker_group_healthy";
+/// Requests this router has in flight on the group.
+pub const WORKER_GROUP_OUTSTANDING_REQUESTS: &str = "allam_worker_group_outstanding_requests";
+pub const WORKER_GROUP_RUNNING_REQUESTS: &str = "allam_worker_group_running_requests";
+pub const WORKER_GROUP_WAITING_REQUESTS: &str = "allam_worker_group_waiting_requests";
+pub const WORKER_GROUP_KV_CACHE_USAGE_RATIO: &str = "allam_worker_group_kv_cache_usage_ratio";
 
 // Engine (worker).
 pub const QUEUE_DURATION_SECONDS: &str = "allam_queue_duration_seconds";

@@ -4,8 +4,9 @@
 //! serves `/metrics` (axum in allam-http). Histograms get explicit buckets, so they render as
 //! Prometheus histograms (aggregatable across replicas), not summaries.
 //!
-//! Invariant: installed at most once per process; later calls return the same handle, so a
-//! binary and its in-process tests can both call [`install_prometheus`].
+//! Invariant: installed at most once per process; later and concurrent calls return the same
+//! handle, so a binary and its in-process tests (which run in parallel) can all call
+//! [`install_prometheus`].
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -28,32 +29,30 @@ pub const COUNT_BUCKETS: &[f64] = &[
 /// How often idle histogram storage is compacted. Rendering does not depend on it.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// The first install's outcome; `OnceLock` makes concurrent first callers wait for it
+/// instead of racing `set_global_recorder`.
+static INSTALLED: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// Installs the global recorder once and returns its handle (see module doc).
 pub fn install_prometheus() -> Result<PrometheusHandle, Error> {
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    // Two racing first calls: one wins `set_global_recorder`, the loser's error is only
-    // reported if no handle was stored by the winner.
-    let builder = PrometheusBuilder::new()
+    INSTALLED
+        .get_or_init(install_once)
+        .clone()
+        .map_err(Error::Prometheus)
+}
+
+fn install_once() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
         .set_buckets(COUNT_BUCKETS)
-        .and_then(|b| {
-            b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
+        .and_then(|builder| {
+            builder
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
         })
-        .map_err(|err| Error::Prometheus(err.to_string()))?;
-    match builder.install_recorder() {
-        Ok(handle) => {
-            describe_metrics();
-            spawn_upkeep(handle.clone());
-            Ok(HANDLE.get_or_init(|| handle).clone())
-        }
-        Err(err) => HANDLE
-            .get()
-            .cloned()
-            .ok_or_else(|| Error::Prometheus(err.to_string())),
-    }
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|err| err.to_string())?;
+    describe_metrics();
+    spawn_upkeep(handle.clone());
+    Ok(handle)
 }
 
 fn spawn_upkeep(handle: PrometheusHandle) {
@@ -117,6 +116,16 @@ mod tests {
 
     #[test]
     fn install_is_idempotent_and_renders_histogram_buckets() {
+        // Parallel first calls must all get the handle (one installs, the others wait).
+        let racers: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(install_prometheus))
+            .collect();
+        for racer in racers {
+            racer
+                .join()
+                .expect("no panic")
+                .expect("every racer gets the handle");
+        }
         let first = install_prometheus().expect("first install");
         let second = install_prometheus().expect("second install returns the same handle");
         metrics::histogram!("allam_test_latency_seconds").record(0.003);

@@ -5,6 +5,7 @@
 //! (`allam_request::validate` over the token ids) before it reaches the engine.
 
 mod error;
+pub mod group;
 mod service;
 
 pub use error::Error;

@@ -61,12 +61,15 @@ pub fn router_config(api_keys: &[&str]) -> RouterConfig {
     config
 }
 
-/// The HTTP app over `router`, with the vocabulary lookup logprobs need.
-pub fn http_app(router: Router, config: HttpConfig) -> axum::Router {
+/// The HTTP state over `router`, with the vocabulary lookup logprobs need.
+pub fn http_state(router: Router, config: HttpConfig) -> AppState {
     let metrics = allam_telemetry::install_prometheus().expect("prometheus recorder");
     let tokenizer = tokenizer();
-    app(AppState::new(router, metrics, config)
-        .with_token_pieces(move |id| tokenizer.id_to_token(id)))
+    AppState::new(router, metrics, config).with_token_pieces(move |id| tokenizer.id_to_token(id))
+}
+
+pub fn http_app(router: Router, config: HttpConfig) -> axum::Router {
+    app(http_state(router, config))
 }
 
 /// A router that knows no worker group: requests get as far as validation and routing.
@@ -200,6 +203,12 @@ pub struct WorkerApp {
     shutdown: tokio_util::sync::CancellationToken,
 }
 
+impl WorkerApp {
+    pub fn engine_stats(&self) -> allam_engine::EngineStats {
+        self.engine.stats()
+    }
+}
+
 impl Drop for WorkerApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -223,7 +232,10 @@ pub async fn app_with_worker(config: HttpConfig) -> WorkerApp {
         })
         .expect("CPU backend"),
     );
-    let options = LoadOptions { progress: ProgressMode::Never, ..LoadOptions::default() };
+    let options = LoadOptions {
+        progress: ProgressMode::Never,
+        ..LoadOptions::default()
+    };
     let model = Model::load(&model_dir(), backend.as_mut(), &options).expect("tiny-allam loads");
     let engine_config = allam_engine::EngineConfig {
         kv_cache_bytes: Some(TEST_KV_CACHE_BYTES),
@@ -232,7 +244,9 @@ pub async fn app_with_worker(config: HttpConfig) -> WorkerApp {
     let engine = allam_engine::Engine::start(model, backend, tokenizer.clone(), engine_config)
         .expect("engine starts");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
     let addr = listener.local_addr().expect("bound address");
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(allam_worker::serve_worker(
@@ -253,10 +267,13 @@ pub async fn app_with_worker(config: HttpConfig) -> WorkerApp {
         .await
         .expect("router");
     let mut ready = router.ready_watch();
-    tokio::time::timeout(std::time::Duration::from_secs(30), ready.wait_for(|ready| *ready))
-        .await
-        .expect("the worker group became ready within 30 s")
-        .expect("router alive");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        ready.wait_for(|ready| *ready),
+    )
+    .await
+    .expect("the worker group became ready within 30 s")
+    .expect("router alive");
     WorkerApp {
         app: http_app(router.clone(), config),
         router,
@@ -279,9 +296,11 @@ pub fn prometheus_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64
             if series_name != name {
                 return None;
             }
-            let all_match = labels
-                .iter()
-                .all(|(key, value)| series_labels.split(',').any(|pair| pair == format!("{key}=\"{value}\"")));
+            let all_match = labels.iter().all(|(key, value)| {
+                series_labels
+                    .split(',')
+                    .any(|pair| pair == format!("{key}=\"{value}\""))
+            });
             all_match.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
