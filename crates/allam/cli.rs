@@ -29,10 +29,96 @@ pub enum Command {
     SynthModel(SynthModelArgs),
     /// Writes the built-in demo model (our own bilingual tokenizer + random weights).
     DemoModel(DemoModelArgs),
+    /// A terminal chat client that streams answers from any router (gRPC).
+    Chat(ChatArgs),
+    /// Load generator against a running server (our gRPC API or any OpenAI-compatible HTTP).
+    Bench(BenchArgs),
     /// Offline engine benchmark in this process: TTFT, batch-1 decode, throughput.
     BenchEngine(BenchEngineArgs),
     /// Every CUDA op against its CPU twin on random inputs (needs an NVIDIA GPU).
     GpuSelftest(GpuSelftestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The router's public gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "ALLAM_ENDPOINT")]
+    pub endpoint: String,
+    /// System prompt, e.g. "You are ALLaM, a bilingual English and Arabic AI assistant."
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: i64,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, env = "ALLAM_API_KEY")]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    /// Our public gRPC API (`allam.v1.Generation`).
+    Grpc,
+    /// Any OpenAI-compatible HTTP server (SSE streaming).
+    Openai,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDataset {
+    Random,
+    Bilingual,
+    Jsonl,
+}
+
+/// Flags follow `vllm bench serve` where it has them.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub backend: BenchBackend,
+    /// gRPC endpoint (`--backend grpc`).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub endpoint: String,
+    /// HTTP base URL (`--backend openai`), the server root or its `/v1`.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Model name sent to OpenAI-compatible servers.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, env = "ALLAM_API_KEY")]
+    pub api_key: Option<String>,
+    #[arg(long, value_enum, default_value = "random")]
+    pub dataset: BenchDataset,
+    #[arg(long)]
+    pub dataset_path: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub random_input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub random_output_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub bilingual_output_len: usize,
+    #[arg(long, default_value_t = 100)]
+    pub num_prompts: usize,
+    /// Poisson arrival rate in requests/s; absent = all at once.
+    #[arg(long)]
+    pub request_rate: Option<f64>,
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +183,10 @@ pub struct ModelArgs {
     /// Show a progress bar while loading weights.
     #[arg(long)]
     pub progress: bool,
+    /// Tensor-parallel ranks: this process is rank 0 and starts ranks 1..N as child
+    /// processes on this machine (CPU; N must divide the attention heads).
+    #[arg(long, default_value_t = 1, env = "ALLAM_TP")]
+    pub tp: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -243,7 +333,8 @@ pub struct RouterArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    #[arg(long, env = "ALLAM_ETCD", value_delimiter = ',', required = true)]
+    /// etcd endpoints (rank 0 registers the group there); comma separated.
+    #[arg(long, env = "ALLAM_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// Worker group name (the etcd key is /allam/v1/workers/<group>).
     #[arg(long, env = "ALLAM_GROUP")]
@@ -259,9 +350,16 @@ pub struct WorkerArgs {
     pub lease_ttl: u64,
     #[arg(long, default_value_t = 30, env = "ALLAM_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: u64,
-    /// Tensor-parallel ranks in this group.
-    #[arg(long, default_value_t = 1, env = "ALLAM_TP")]
-    pub tp: usize,
+    /// Ranks of a group assembled by hand (`--rank`, `--peers`) rather than spawned by
+    /// rank 0 with `--tp`.
+    #[arg(long, env = "ALLAM_WORLD_SIZE")]
+    pub world_size: Option<usize>,
+    /// This process's rank in a `--world-size` group; ranks >= 1 join rank 0 at `--peers`.
+    #[arg(long, default_value_t = 0, env = "ALLAM_RANK")]
+    pub rank: usize,
+    /// Rank 0's rendezvous address (rank 0 listens there; the others connect).
+    #[arg(long, env = "ALLAM_PEERS")]
+    pub peers: Option<String>,
     /// Serve Prometheus `/metrics` (and `/health`) on this address.
     #[arg(long, env = "ALLAM_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,

@@ -1,7 +1,9 @@
 //! `allam`: the composition root. Parses flags, installs signal handlers and telemetry, and
 //! wires router, worker, engine and backend together. The only place that uses `anyhow`.
 
+mod bench;
 mod bench_engine;
+mod chat;
 mod cli;
 mod demo;
 mod generate;
@@ -32,6 +34,8 @@ fn run(cli: cli::Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Router(args) => serve::router(args),
         Command::Worker(args) => serve::worker(args),
         Command::Demo(args) => demo::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::BenchEngine(args) => bench_engine::run(args),
         Command::GpuSelftest(args) => gpu_selftest::run(args),
     }

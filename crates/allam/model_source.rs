@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 
 use allam_model::{LoadFormat, ModelConfig, ProgressMode};
 use allam_tokenizer::Tokenizer;
-use allam_worker::group::{Device, GroupConfig, Weights};
+use allam_worker::group::{Device, GroupConfig, TpConfig, TpLaunch, Weights};
 
 use crate::cli::{self, DemoModelArgs, EngineArgs, ModelArgs, SynthModelArgs};
 
@@ -147,12 +147,51 @@ pub fn group_config(
         .device
         .parse()
         .with_context(|| format!("--device {}", model.device))?;
+    let tp = if model.tp > 1 {
+        let exe = std::env::current_exe().context("locating this executable to start ranks")?;
+        TpConfig {
+            world_size: model.tp,
+            group: format!("tp-{}", std::process::id()),
+            launch: TpLaunch::SpawnLocal {
+                exe,
+                follower_args: follower_args(model, engine),
+            },
+            options: allam_worker::group::GroupOptions::default(),
+        }
+    } else {
+        TpConfig::single()
+    };
     Ok(GroupConfig {
         weights: resolved.weights.clone(),
         device,
         engine: engine_config(engine),
         progress: resolved.progress,
+        tp,
     })
+}
+
+/// The flags a spawned follower rank needs to load the same model with the same KV budget
+/// (every rank allocates rank 0's block count).
+fn follower_args(model: &ModelArgs, engine: &EngineArgs) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(dir) = &model.model {
+        args.extend(["--model".to_owned(), dir.display().to_string()]);
+    }
+    if let Some(preset) = &model.preset {
+        args.extend(["--preset".to_owned(), preset.clone()]);
+    }
+    if model.load_format == cli::LoadFormat::Dummy {
+        args.extend(["--load-format".to_owned(), "dummy".to_owned()]);
+    }
+    args.extend([
+        "--device".to_owned(),
+        model.device.clone(),
+        "--kv-cache-memory".to_owned(),
+        engine.kv_cache_memory.to_string(),
+        "--block-size".to_owned(),
+        engine.block_size.to_string(),
+    ]);
+    args
 }
 
 pub fn synth_model(args: SynthModelArgs) -> anyhow::Result<ExitCode> {

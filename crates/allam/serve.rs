@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use allam_membership::{EtcdConfig, MembershipWatcher, Registration, RegistrationConfig, WorkerGroupInfo};
 use allam_request::Limits;
 use allam_router::{Membership, Router, RouterConfig};
+use allam_worker::group::{TpConfig, TpLaunch};
 use allam_telemetry::{LogFormat, TracingConfig, TracingGuard};
 
 use crate::cli::{self, FrontArgs, RouterArgs, ServeArgs, TelemetryArgs, WorkerArgs};
@@ -193,6 +194,8 @@ pub struct LocalCluster {
     pub shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     engine: allam_engine::EngineHandle,
+    /// Tensor-parallel ranks this process started; dropping them kills them.
+    followers: Option<allam_worker::tp::FollowerProcesses>,
 }
 
 impl LocalCluster {
@@ -245,6 +248,7 @@ impl LocalCluster {
             shutdown,
             tasks: fronts.tasks,
             engine: started.engine,
+            followers: started.followers,
         })
     }
 
@@ -255,6 +259,8 @@ impl LocalCluster {
         let drained = join_within(self.tasks, timeout).await;
         let engine = self.engine;
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        // The engine's shutdown told the ranks to stop; only now may they go.
+        drop(self.followers);
         drained
     }
 }
@@ -357,12 +363,44 @@ pub fn router(args: RouterArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// A rank >= 1 of a hand-assembled (`--world-size`) or spawned (`--tp`) group: no servers,
+/// no etcd; it runs the steps rank 0 sends until rank 0 shuts the group down.
+fn follower_rank(args: &WorkerArgs, world_size: usize) -> anyhow::Result<ExitCode> {
+    let peers = args
+        .peers
+        .as_deref()
+        .context("--rank >= 1 needs --peers (rank 0's rendezvous address)")?;
+    let resolved = model_source::resolve(&args.model)?;
+    let mut group = model_source::group_config(&resolved, &args.model, &args.engine)?;
+    group.tp = TpConfig {
+        world_size,
+        group: args.group.clone(),
+        launch: TpLaunch::External {
+            bind_addr: peers.to_owned(),
+        },
+        options: allam_worker::group::GroupOptions::default(),
+    };
+    allam_worker::group::run_follower_rank(&group, peers, args.rank)
+        .with_context(|| format!("rank {} of group `{}`", args.rank, args.group))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    if args.tp != 1 {
-        anyhow::bail!(
-            "--tp {}: tensor parallelism is not available in this build yet; run one group per device with --tp 1",
-            args.tp
-        );
+    let world_size = args.world_size.unwrap_or(1);
+    if args.rank >= world_size.max(1) && args.world_size.is_some() {
+        anyhow::bail!("--rank {} must be below --world-size {world_size}", args.rank);
+    }
+    if args.rank > 0 {
+        if args.world_size.is_none() {
+            anyhow::bail!("--rank needs --world-size");
+        }
+        return follower_rank(&args, world_size);
+    }
+    if args.etcd.is_empty() {
+        anyhow::bail!("rank 0 of a worker group registers in etcd: give --etcd URL[,URL]");
+    }
+    if world_size > 1 && args.model.tp > 1 {
+        anyhow::bail!("give either --tp (rank 0 starts the other ranks) or --world-size with --rank/--peers, not both");
     }
     let rt = runtime()?;
     rt.block_on(async {
@@ -373,7 +411,20 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let resolved = model_source::resolve(&args.model)?;
-        let group = model_source::group_config(&resolved, &args.model, &args.engine)?;
+        let mut group = model_source::group_config(&resolved, &args.model, &args.engine)?;
+        if world_size > 1 {
+            let peers = args
+                .peers
+                .clone()
+                .context("--world-size > 1 needs --peers (the address rank 0 listens on)")?;
+            group.tp = TpConfig {
+                world_size,
+                group: args.group.clone(),
+                launch: TpLaunch::External { bind_addr: peers },
+                options: allam_worker::group::GroupOptions::default(),
+            };
+        }
+        let tp_size = group.tp.world_size;
         let tokenizer = resolved.tokenizer.clone();
         let started = tokio::task::block_in_place(|| {
             allam_worker::group::start_group(&group, tokenizer.clone())
@@ -404,7 +455,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let info = WorkerGroupInfo {
             group: args.group.clone(),
             grpc_addr: if advertise.contains("://") { advertise.clone() } else { format!("http://{advertise}") },
-            tp: args.tp as u32,
+            tp: tp_size as u32,
             model: resolved.served_name.clone(),
             started_at_ms: now_ms(),
         };
@@ -424,8 +475,9 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         started.engine.drain();
         shutdown.cancel();
         let drained = join_within(tasks, deadline.saturating_sub(started_at.elapsed())).await;
-        let engine = started.engine;
+        let engine = started.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        drop(started);
         Ok(exit_code(drained))
     })
 }

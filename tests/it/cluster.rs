@@ -210,3 +210,31 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
     assert!(status.success(), "w1 exit {status}:\n{}", w1.proc.log_text());
     drop(w2);
 }
+
+#[test]
+fn chat_client_streams_a_two_turn_conversation() {
+    use std::io::Write;
+    let model = tiny_model();
+    let serve = Serve::start(&["--model", &model], &[]);
+    let mut child = std::process::Command::new(crate::support::allam_bin())
+        .args(["chat", "--endpoint", &serve.grpc, "--temperature", "0", "--max-new-tokens", "24"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run allam chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all("How do I prepare a cup of tea?\nAnd with milk?\n".as_bytes())
+        .expect("write turns");
+    let output = child.wait_with_output().expect("chat exits at end of input");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    let answers: Vec<&str> = stdout.lines().collect();
+    assert_eq!(answers.len(), 2, "one line per turn: {stdout:?}");
+    let golden = crate::support::goldens("tiny-allam");
+    assert_eq!(answers[0], golden["cases"][0]["greedy"]["text"].as_str().expect("text"));
+    assert!(!answers[1].is_empty());
+}

@@ -5,3 +5,7 @@ mod tidy;
 mod cli;
 mod cluster;
 mod clients;
+mod otlp;
+mod etcd_outage;
+mod local_cluster;
+mod tp;

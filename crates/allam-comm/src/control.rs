@@ -61,13 +61,27 @@ impl LeaderControl {
         }
         let bytes = frame(payload);
         let deadline = Instant::now() + self.timeout;
+        let mut result = Ok(());
         for peer in self.followers.iter_mut() {
-            if let Err(error) = peer.write_all(OP, &bytes, deadline, self.timeout) {
-                self.broken = Some(error.to_string());
-                return Err(error);
+            result = peer.write_all(OP, &bytes, deadline, self.timeout);
+            if result.is_err() {
+                break;
             }
         }
-        Ok(())
+        if let Err(error) = &result {
+            self.close(error.to_string());
+        }
+        result
+    }
+
+    /// Breaks the channel for good and closes every follower's connection, so followers
+    /// waiting for the next message stop at once (the group failed elsewhere, e.g. in a
+    /// collective).
+    pub fn close(&mut self, reason: String) {
+        self.broken.get_or_insert(reason);
+        for peer in &self.followers {
+            peer.shutdown();
+        }
     }
 
     /// Waits up to `timeout` for one message from follower `rank`.
@@ -94,7 +108,7 @@ impl LeaderControl {
             Ok(payload)
         });
         if let Err(error) = &result {
-            self.broken = Some(error.to_string());
+            self.close(error.to_string());
         }
         result
     }

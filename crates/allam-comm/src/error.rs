@@ -15,8 +15,8 @@ pub enum Error {
         rank: usize,
         timeout_ms: u64,
     },
-    /// A peer closed its connection (its process exited or was killed).
-    #[error("{op}: rank {rank} closed its connection (its process exited or was killed)")]
+    /// A peer closed its connection (its process ended, or it gave up on a failed group).
+    #[error("{op}: rank {rank} closed its connection (it exited, was killed, or gave up on a failed group)")]
     PeerClosed { op: &'static str, rank: usize },
     /// Reading from or writing to a peer failed for another reason.
     #[error("{op}: I/O with rank {rank}: {source}")]

@@ -9,7 +9,9 @@
 //! activations of CPU serving, and the sums are the same bits on every rank by construction.
 //!
 //! Invariant: once any call fails, the streams may sit mid-frame, so the communicator is
-//! broken for good ([`Error::Broken`]); the group must be rebuilt.
+//! broken for good ([`Error::Broken`]) and closes its connections at once: peers blocked in
+//! the same collective see [`Error::PeerClosed`] immediately instead of waiting out their
+//! timeouts, and the failure spreads through the group. The group must be rebuilt.
 
 #[cfg(test)]
 use std::sync::Arc;
@@ -101,6 +103,9 @@ impl TcpCommunicator {
             }
             Err(error) => {
                 inner.broken = Some(error.to_string());
+                for peer in &inner.peers {
+                    peer.shutdown();
+                }
                 Err(error)
             }
         }

@@ -6,7 +6,7 @@
 //! [`Error::Timeout`].
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::Error;
@@ -68,6 +68,12 @@ impl Peer {
         // Collectives are latency bound; Nagle would hold back every small frame.
         let _ = stream.set_nodelay(true);
         Peer { rank, stream }
+    }
+
+    /// Closes the connection both ways, so the peer's pending and later reads end at once
+    /// instead of waiting out their timeouts.
+    pub(crate) fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
     }
 
     fn timeout_error(&self, op: &'static str, budget: Duration) -> Error {

@@ -125,7 +125,8 @@ mod tests {
 
     #[test]
     fn zero_fields_are_named() {
-        let cases: [(&str, fn(&mut EngineConfig)); 5] = [
+        type Edit = fn(&mut EngineConfig);
+        let cases: [(&str, Edit); 5] = [
             ("block_size", |c| c.block_size = 0),
             ("max_num_seqs", |c| c.max_num_seqs = 0),
             ("prefill_chunk_size", |c| c.prefill_chunk_size = Some(0)),

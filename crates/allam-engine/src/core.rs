@@ -20,8 +20,8 @@ use allam_request::{SamplingParams, ValidRequest};
 use allam_telemetry::metric_names as m;
 use allam_tokenizer::Tokenizer;
 use allam_types::{
-    EngineEvent, FinishReason, RequestId, SequenceEnd, StepLogprobs, Timings, TokenDelta,
-    TokenId, Usage,
+    EngineEvent, FinishReason, RequestId, SequenceEnd, StepLogprobs, Timings, TokenDelta, TokenId,
+    Usage,
 };
 use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
@@ -44,6 +44,9 @@ pub(crate) struct NewRequest {
     pub(crate) request: ValidRequest,
     pub(crate) events: UnboundedSender<EngineEvent>,
     pub(crate) submitted_at: Instant,
+    /// The submitter's span (the worker's request span): parent of this request's engine
+    /// spans, so queue/prefill/decode join the caller's trace.
+    pub(crate) span: tracing::Span,
 }
 
 struct RequestState {
@@ -62,6 +65,12 @@ struct RequestState {
     /// Still counted in `Shared::queued_requests`.
     queued: bool,
     prompt_logprobs: Option<Vec<Option<StepLogprobs>>>,
+    /// Parent of `phase` (see `NewRequest::span`).
+    span: tracing::Span,
+    /// The current phase's span: `engine.queue` until the first step that schedules the
+    /// request, `engine.prefill` until its first token, `engine.decode` until it ends.
+    /// Replacing or dropping it ends the phase.
+    phase: tracing::Span,
 }
 
 pub(crate) struct EngineCore {
@@ -89,7 +98,11 @@ impl EngineCore {
         config: &EngineConfig,
         shared: Arc<Shared>,
     ) -> EngineCore {
-        let pool = BlockPool::new(info.num_blocks, info.block_size, config.enable_prefix_caching);
+        let pool = BlockPool::new(
+            info.num_blocks,
+            info.block_size,
+            config.enable_prefix_caching,
+        );
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: config.max_num_batched_tokens,
@@ -126,6 +139,7 @@ impl EngineCore {
             request,
             events,
             submitted_at,
+            span,
         } = new;
         if self.draining {
             self.shared.dequeue_request();
@@ -162,10 +176,9 @@ impl EngineCore {
             state: SeqState::Waiting,
         };
         let prompt_len = seq.prompt_len;
-        self.outputs.insert(
-            seq_id,
-            SeqOutput::new(0, seed, &self.tokenizer, &params),
-        );
+        let phase = tracing::info_span!(parent: &span, "engine.queue", prompt_tokens = prompt_len);
+        self.outputs
+            .insert(seq_id, SeqOutput::new(0, seed, &self.tokenizer, &params));
         self.scheduler.add(seq);
         self.requests.insert(
             id,
@@ -184,6 +197,8 @@ impl EngineCore {
                 cached_tokens: None,
                 queued: true,
                 prompt_logprobs: wants_prompt_logprobs.then(|| vec![None]),
+                span,
+                phase,
             },
         );
         self.publish_counts();
@@ -270,15 +285,27 @@ impl EngineCore {
             self.publish_counts();
             return;
         }
+        // Admission is settled before the forward pass, so `queued_requests` (which bounds
+        // `submit`) never counts a request that is already computing.
+        for s in plan
+            .seqs
+            .iter()
+            .filter(|s| s.admitted_cached_tokens.is_some())
+        {
+            if let Some(request_id) = self.scheduler.seq(s.seq_id).map(|q| q.request_id) {
+                self.note_scheduled(request_id, s, started);
+            }
+        }
         self.scheduler.build_batch(&plan, &mut self.batch);
-        match self.executor.execute(&self.batch) {
+        let result = self.executor.execute(&self.batch);
+        self.shared.steps.fetch_add(1, Ordering::Relaxed);
+        match result {
             Ok(logits) => {
                 self.scheduler.complete(&plan);
                 self.process_outputs(&plan, &logits);
             }
             Err(error) => self.fail_step(&plan, &error.to_string()),
         }
-        self.shared.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(m::STEP_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(m::BATCH_SIZE).record(plan.seqs.len() as f64);
         self.publish_counts();
@@ -325,7 +352,6 @@ impl EngineCore {
                 row_idx += s.prompt_rows.len() + usize::from(s.samples);
                 continue;
             };
-            self.note_scheduled(request_id, s, now);
             for p in s.prompt_rows.clone() {
                 let row = &logits[row_idx * vocab..(row_idx + 1) * vocab];
                 row_idx += 1;
@@ -346,6 +372,12 @@ impl EngineCore {
         };
         if state.scheduled_at.is_none() {
             state.scheduled_at = Some(now);
+            // Before the forward pass, so the prefill span covers its compute.
+            state.phase = tracing::info_span!(
+                parent: &state.span,
+                "engine.prefill",
+                cached_tokens = s.admitted_cached_tokens
+            );
             metrics::histogram!(m::QUEUE_DURATION_SECONDS)
                 .record(now.duration_since(state.submitted_at).as_secs_f64());
         }
@@ -360,7 +392,13 @@ impl EngineCore {
         }
     }
 
-    fn record_prompt_logprob(&mut self, request_id: RequestId, seq_id: SeqId, p: usize, row: &[f32]) {
+    fn record_prompt_logprob(
+        &mut self,
+        request_id: RequestId,
+        seq_id: SeqId,
+        p: usize,
+        row: &[f32],
+    ) {
         let Some(state) = self.requests.get_mut(&request_id) else {
             return;
         };
@@ -463,10 +501,8 @@ impl EngineCore {
                 ..parent_seq.clone()
             };
             self.scheduler.fork(parent, child);
-            self.outputs.insert(
-                id,
-                SeqOutput::new(index, seed, &self.tokenizer, params),
-            );
+            self.outputs
+                .insert(id, SeqOutput::new(index, seed, &self.tokenizer, params));
             if let Some(state) = self.requests.get_mut(&request_id) {
                 state.live_seqs.push(id);
             }
@@ -498,8 +534,13 @@ impl EngineCore {
         let Some(out) = self.outputs.get_mut(&seq_id) else {
             return;
         };
-        let (text, finish) =
-            out.on_token(token, params, &self.info.eos_token_ids, generated, context_full);
+        let (text, finish) = out.on_token(
+            token,
+            params,
+            &self.info.eos_token_ids,
+            generated,
+            context_full,
+        );
         let index = out.index;
         metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(1);
         let Some(state) = self.requests.get_mut(&request_id) else {
@@ -508,6 +549,12 @@ impl EngineCore {
         match state.last_token_at {
             None => {
                 state.first_token_at = Some(now);
+                state.phase = tracing::info_span!(
+                    parent: &state.span,
+                    "engine.decode",
+                    completion_tokens = tracing::field::Empty,
+                    finish_reason = tracing::field::Empty,
+                );
                 metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS)
                     .record(now.duration_since(state.submitted_at).as_secs_f64());
             }
@@ -531,7 +578,13 @@ impl EngineCore {
         }
     }
 
-    fn finish_sequence(&mut self, request_id: RequestId, seq_id: SeqId, reason: FinishReason, now: Instant) {
+    fn finish_sequence(
+        &mut self,
+        request_id: RequestId,
+        seq_id: SeqId,
+        reason: FinishReason,
+        now: Instant,
+    ) {
         let seq = self.scheduler.remove(seq_id);
         let out = self.outputs.remove(&seq_id);
         let Some(state) = self.requests.get_mut(&request_id) else {
@@ -552,7 +605,9 @@ impl EngineCore {
             return;
         }
         let ms = |t: Option<Instant>| {
-            t.map_or(0.0, |t| t.duration_since(state.submitted_at).as_secs_f64() * 1e3)
+            t.map_or(0.0, |t| {
+                t.duration_since(state.submitted_at).as_secs_f64() * 1e3
+            })
         };
         let usage = Usage {
             prompt_tokens: state.prompt_len as u32,
@@ -564,9 +619,15 @@ impl EngineCore {
             ttft_ms: ms(state.first_token_at),
             total_ms: ms(Some(now)),
         };
-        if let Some(state) = self.requests.remove(&request_id) {
+        state
+            .phase
+            .record("completion_tokens", state.completion_tokens)
+            .record("finish_reason", reason.as_str());
+        if let Some(mut state) = self.requests.remove(&request_id) {
             // Counts first, so a client that reads stats after `Finished` sees its blocks free.
             self.publish_counts();
+            // Closed before `Finished` goes out, so the decode span ends inside the caller's.
+            state.phase = tracing::Span::none();
             let _ = state.events.send(EngineEvent::Finished { usage, timings });
         }
     }
@@ -576,9 +637,15 @@ impl EngineCore {
         let shared = &self.shared;
         let (queried, hit) = self.scheduler.prefix_cache_tokens();
         let pool = self.scheduler.pool();
-        shared.running.store(self.scheduler.num_running(), Ordering::Relaxed);
-        shared.waiting.store(self.scheduler.num_waiting(), Ordering::Relaxed);
-        shared.kv_blocks_used.store(pool.num_used(), Ordering::Relaxed);
+        shared
+            .running
+            .store(self.scheduler.num_running(), Ordering::Relaxed);
+        shared
+            .waiting
+            .store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        shared
+            .kv_blocks_used
+            .store(pool.num_used(), Ordering::Relaxed);
         let old_queried = shared.prefix_queried.swap(queried, Ordering::Relaxed);
         let old_hit = shared.prefix_hit.swap(hit, Ordering::Relaxed);
         shared

@@ -38,7 +38,7 @@ use crate::{failure_reason, Error};
 const CONTROL_SLOTS: usize = 1024;
 
 pub(crate) enum Command {
-    Submit(NewRequest),
+    Submit(Box<NewRequest>),
     Cancel(RequestId),
     Drain,
     Shutdown,
@@ -112,7 +112,13 @@ impl Engine {
         let shared = Arc::new(Shared::default());
         let (commands, receiver) =
             crossbeam_channel::bounded(config.max_waiting.saturating_add(CONTROL_SLOTS));
-        let core = EngineCore::new(executor, tokenizer, info.clone(), &config, Arc::clone(&shared));
+        let core = EngineCore::new(
+            executor,
+            tokenizer,
+            info.clone(),
+            &config,
+            Arc::clone(&shared),
+        );
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("allam-engine".to_owned())
@@ -174,7 +180,7 @@ fn run(mut core: EngineCore, commands: Receiver<Command>, shared: Arc<Shared>) {
 /// Applies one command; `false` means leave the loop.
 fn apply(core: &mut EngineCore, command: Command) -> bool {
     match command {
-        Command::Submit(new) => core.add_request(new),
+        Command::Submit(new) => core.add_request(*new),
         Command::Cancel(id) => core.cancel(id),
         Command::Drain => core.drain(),
         Command::Shutdown => return false,
@@ -219,12 +225,13 @@ impl EngineHandle {
         }
         let id = RequestId(inner.next_request_id.fetch_add(1, Ordering::Relaxed));
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let command = Command::Submit(NewRequest {
+        let command = Command::Submit(Box::new(NewRequest {
             id,
             request,
             events,
             submitted_at: Instant::now(),
-        });
+            span: tracing::Span::current(),
+        }));
         match inner.commands.try_send(command) {
             Ok(()) => Ok(EventStream::new(id, receiver, inner.commands.clone())),
             Err(TrySendError::Full(_)) => {

@@ -8,7 +8,10 @@
 pub enum Error {
     /// `EngineConfig` field `field` has an unusable value.
     #[error("engine config: `{field}` {problem}")]
-    InvalidConfig { field: &'static str, problem: String },
+    InvalidConfig {
+        field: &'static str,
+        problem: String,
+    },
     /// The model could not allocate its KV cache or answer a sizing question.
     #[error("allocating the KV cache of {num_blocks} blocks: {source}")]
     KvCacheAlloc {

@@ -27,6 +27,8 @@ pub(crate) struct ModelExecutor {
 
 impl StepExecutor for ModelExecutor {
     fn execute(&mut self, batch: &StepBatch) -> Result<Vec<f32>, ExecutorError> {
-        Ok(self.model.forward(self.backend.as_mut(), &mut self.kv, batch)?)
+        Ok(self
+            .model
+            .forward(self.backend.as_mut(), &mut self.kv, batch)?)
     }
 }

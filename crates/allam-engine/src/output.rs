@@ -61,8 +61,8 @@ impl SeqOutput {
         context_full: bool,
     ) -> (String, Option<FinishReason>) {
         let min_new = params.min_new_tokens as usize;
-        let is_stop_token = (eos.contains(&token) && !params.ignore_eos)
-            || params.stop_token_ids.contains(&token);
+        let is_stop_token =
+            (eos.contains(&token) && !params.ignore_eos) || params.stop_token_ids.contains(&token);
         if is_stop_token && generated > min_new {
             let (tail, _) = self.finish_tail(true);
             return (tail, Some(FinishReason::Stop));

@@ -172,7 +172,12 @@ impl Sampler {
     }
 
     /// Logprob of `chosen` and the `top_n` most likely tokens under `log_softmax(logits)`.
-    pub(crate) fn logprobs(&mut self, logits: &[f32], chosen: TokenId, top_n: usize) -> StepLogprobs {
+    pub(crate) fn logprobs(
+        &mut self,
+        logits: &[f32],
+        chosen: TokenId,
+        top_n: usize,
+    ) -> StepLogprobs {
         let lse = log_sum_exp(logits);
         let logprob_of = |id: u32| {
             logits
@@ -267,7 +272,13 @@ mod tests {
         }
     }
 
-    fn sample_once(logits: &[f32], p: &SamplingParams, tokens: &[u32], prompt_len: usize, seed: u64) -> u32 {
+    fn sample_once(
+        logits: &[f32],
+        p: &SamplingParams,
+        tokens: &[u32],
+        prompt_len: usize,
+        seed: u64,
+    ) -> u32 {
         let mut sampler = Sampler::new(logits.len());
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         sampler.sample(
@@ -318,10 +329,22 @@ mod tests {
         p.min_new_tokens = 2;
         p.stop_token_ids = vec![3];
         let logits = [0.0, 1.0, 9.0, 8.0];
-        assert_eq!(sample_once(&logits, &p, &[0, 5], 1, 0), 1, "1 generated < 2");
-        assert_eq!(sample_once(&logits, &p, &[0, 5, 5], 1, 0), 2, "2 generated: eos allowed");
+        assert_eq!(
+            sample_once(&logits, &p, &[0, 5], 1, 0),
+            1,
+            "1 generated < 2"
+        );
+        assert_eq!(
+            sample_once(&logits, &p, &[0, 5, 5], 1, 0),
+            2,
+            "2 generated: eos allowed"
+        );
         p.ignore_eos = true;
-        assert_eq!(sample_once(&logits, &p, &[0, 5], 1, 0), 2, "eos not masked when ignored");
+        assert_eq!(
+            sample_once(&logits, &p, &[0, 5], 1, 0),
+            2,
+            "eos not masked when ignored"
+        );
     }
 
     #[test]
@@ -334,10 +357,17 @@ mod tests {
             assert_eq!(sample_once(&logits, &p, &[0], 1, seed), 1);
         }
         p.top_k = 0;
-        let a: Vec<u32> = (0..20).map(|s| sample_once(&logits, &p, &[0], 1, s)).collect();
-        let b: Vec<u32> = (0..20).map(|s| sample_once(&logits, &p, &[0], 1, s)).collect();
+        let a: Vec<u32> = (0..20)
+            .map(|s| sample_once(&logits, &p, &[0], 1, s))
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .map(|s| sample_once(&logits, &p, &[0], 1, s))
+            .collect();
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 over close logits varies");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1 over close logits varies"
+        );
     }
 
     #[test]
@@ -352,7 +382,9 @@ mod tests {
         p.min_p = 0.5; // 0.245 / 0.665 < 0.5: only token 0 survives
         assert!((0..50).all(|s| sample_once(&logits, &p, &[0], 1, s) == 0));
         p.min_p = 0.3; // token 1 survives (0.37), token 2 (0.135) does not
-        let picks: Vec<u32> = (0..200).map(|s| sample_once(&logits, &p, &[0], 1, s)).collect();
+        let picks: Vec<u32> = (0..200)
+            .map(|s| sample_once(&logits, &p, &[0], 1, s))
+            .collect();
         assert!(picks.contains(&1));
         assert!(!picks.contains(&2));
     }

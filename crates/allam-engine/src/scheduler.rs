@@ -167,9 +167,9 @@ impl Scheduler {
         child.prompt_logprobs_next = parent_seq.prompt_len;
         let shared = (parent_seq.prompt_len / bs).min(parent_seq.num_computed / bs);
         let shared_blocks = parent_seq.block_table[..shared].to_vec();
-        child.block_hashes = parent_seq.block_hashes[..shared.min(parent_seq.block_hashes.len())].to_vec();
-        if self.running.len() >= self.config.max_num_seqs || parent_seq.state != SeqState::Running
-        {
+        child.block_hashes =
+            parent_seq.block_hashes[..shared.min(parent_seq.block_hashes.len())].to_vec();
+        if self.running.len() >= self.config.max_num_seqs || parent_seq.state != SeqState::Running {
             self.add(child);
             return;
         }
@@ -201,6 +201,18 @@ impl Scheduler {
         let mut budget = self.config.max_num_batched_tokens;
         let chunk = self.config.chunk_size.max(1);
 
+        // Decodes not yet visited. A prefill chunk never takes the budget they need, so a
+        // running stream never stalls behind a long prompt (a high-priority newcomer or a
+        // preempted sequence being recomputed can sort before decodes).
+        let mut decodes_ahead = self
+            .running
+            .iter()
+            .filter(|id| {
+                self.seqs
+                    .get(id)
+                    .is_some_and(|s| s.tokens.len() == s.num_computed + 1)
+            })
+            .count();
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
@@ -214,7 +226,15 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let len = remaining.min(budget).min(chunk);
+            if remaining == 1 {
+                decodes_ahead = decodes_ahead.saturating_sub(1);
+            }
+            let room = budget.saturating_sub(decodes_ahead);
+            if room == 0 {
+                i += 1;
+                continue;
+            }
+            let len = remaining.min(room).min(chunk);
             let needed = self
                 .blocks_for(seq.num_computed + len)
                 .saturating_sub(seq.block_table.len());
@@ -222,6 +242,14 @@ impl Scheduler {
             while self.pool.num_free() < needed {
                 let victim_pos = self.running.len() - 1;
                 let victim = self.running[victim_pos];
+                if victim != id
+                    && self
+                        .seqs
+                        .get(&victim)
+                        .is_some_and(|v| v.tokens.len() == v.num_computed + 1)
+                {
+                    decodes_ahead = decodes_ahead.saturating_sub(1);
+                }
                 self.preempt(victim_pos);
                 plan.preempted.push(victim);
                 if victim == id {
@@ -288,7 +316,8 @@ impl Scheduler {
             let pos = self.running_insert_pos(key);
             self.running.insert(pos, id);
             self.grow_table(id, needed);
-            plan.seqs.push(self.scheduled(id, cached, len, Some(cached)));
+            plan.seqs
+                .push(self.scheduled(id, cached, len, Some(cached)));
             budget -= len;
         }
     }
@@ -524,9 +553,34 @@ mod tests {
         let plan = run_step(&mut s);
         assert!(plan.num_tokens() <= 6);
         assert_eq!(plan.seqs[0].len, 4);
-        assert_eq!(plan.seqs[1].len, 2, "second prompt gets the rest of the budget");
+        assert_eq!(
+            plan.seqs[1].len, 2,
+            "second prompt gets the rest of the budget"
+        );
         assert_eq!(s.num_running(), 2);
         assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn a_prefill_sorted_first_never_starves_decodes() {
+        let mut s = scheduler(64, 8, 100, false);
+        s.add(seq(1, 0, vec![1, 2, 3]));
+        s.add(seq(2, 0, vec![4, 5]));
+        run_step(&mut s); // both prefilled, both decoding now
+        s.add(seq(3, -1, (0..30).collect())); // higher priority: sorts first once running
+        let plan = run_step(&mut s);
+        assert_eq!(
+            plan.seqs.len(),
+            3,
+            "two decodes then the newcomer's first chunk"
+        );
+        let plan = run_step(&mut s);
+        let lens: Vec<(u64, usize)> = plan.seqs.iter().map(|p| (p.seq_id.0, p.len)).collect();
+        assert_eq!(
+            lens,
+            vec![(3, 6), (1, 1), (2, 1)],
+            "the chunk leaves room for decodes"
+        );
     }
 
     #[test]
@@ -558,11 +612,19 @@ mod tests {
         let plan = run_step(&mut s); // both now hold 8 tokens; the 9th token needs a block
         assert!(plan.preempted.is_empty());
         let plan = run_step(&mut s);
-        assert_eq!(plan.preempted, vec![SeqId(2)], "latest arrival is the victim");
+        assert_eq!(
+            plan.preempted,
+            vec![SeqId(2)],
+            "latest arrival is the victim"
+        );
         assert_eq!(s.num_preemptions(), 1);
         let victim = s.seq(SeqId(2)).expect("still live");
         assert_eq!(victim.state, SeqState::Waiting);
-        assert_eq!(victim.tokens.len(), 9, "generated tokens are kept for recompute");
+        assert_eq!(
+            victim.tokens.len(),
+            9,
+            "generated tokens are kept for recompute"
+        );
         s.remove(SeqId(1));
         let plan = run_step(&mut s);
         assert_eq!(plan.seqs[0].seq_id, SeqId(2));
@@ -599,7 +661,11 @@ mod tests {
         longer.extend([50, 51, 52]);
         s.add(seq(3, 0, longer));
         let plan = run_step(&mut s);
-        let p3 = plan.seqs.iter().find(|p| p.seq_id == SeqId(3)).expect("admitted");
+        let p3 = plan
+            .seqs
+            .iter()
+            .find(|p| p.seq_id == SeqId(3))
+            .expect("admitted");
         assert_eq!(p3.admitted_cached_tokens, Some(12));
         // Queried: all three prompts; hit: 8 then 12.
         assert_eq!(s.prefix_cache_tokens(), (12 + 12 + 15, 8 + 12));
@@ -642,7 +708,11 @@ mod tests {
         assert_eq!(c.tokens.len(), 11);
         assert_eq!(c.tokens[10], 99);
         let plan = run_step(&mut s);
-        let pc = plan.seqs.iter().find(|p| p.seq_id == SeqId(2)).expect("child runs");
+        let pc = plan
+            .seqs
+            .iter()
+            .find(|p| p.seq_id == SeqId(2))
+            .expect("child runs");
         assert_eq!((pc.start, pc.len, pc.samples), (8, 3, true));
         s.remove(SeqId(1));
         s.remove(SeqId(2));

@@ -115,9 +115,16 @@ mod tests {
 
     #[test]
     fn table() {
-        let cases: &[(&[&str], &[&str], &str, Option<usize>)] = &[
+        /// (stop strings, streamed pieces, expected text, piece index that stopped)
+        type Case<'a> = (&'a [&'a str], &'a [&'a str], &'a str, Option<usize>);
+        let cases: &[Case] = &[
             (&[], &["ab", "cd"], "abcd", None),
-            (&["STOP"], &["hello ", "ST", "O", "P", " more"], "hello ", Some(3)),
+            (
+                &["STOP"],
+                &["hello ", "ST", "O", "P", " more"],
+                "hello ",
+                Some(3),
+            ),
             (&["STOP"], &["hello ST", "ART"], "hello START", None),
             (&["\n\n"], &["a\n", "\nb"], "a", Some(1)),
             (&["xyz", "yq"], &["x", "y", "q"], "x", Some(2)),
@@ -128,7 +135,11 @@ mod tests {
         ];
         for (stops, pieces, want_text, want_stop) in cases {
             let (text, stop) = run(stops, pieces);
-            assert_eq!((&text[..], stop), (*want_text, *want_stop), "stops {stops:?} pieces {pieces:?}");
+            assert_eq!(
+                (&text[..], stop),
+                (*want_text, *want_stop),
+                "stops {stops:?} pieces {pieces:?}"
+            );
         }
     }
 

@@ -5,6 +5,10 @@
 //! Entry points: [`Model::load`] (a model directory), [`Model::from_config_dummy`] (random
 //! weights for a [`ModelConfig`], e.g. [`ModelConfig::preset`]), [`Model::forward`], and
 //! [`write_synthetic_checkpoint`].
+//!
+//! Tensor parallelism: load onto a backend that is one rank of a group (its `world_size()`
+//! exceeds 1) and the model holds only that rank's Megatron slices ([`TpShard`]); every rank
+//! then calls [`Model::forward`] with the same batches and gets the same logits.
 
 mod config;
 mod dummy;
@@ -13,6 +17,7 @@ mod loader;
 mod model;
 mod presets;
 mod rope;
+mod shard;
 mod source;
 mod tensor_names;
 
@@ -23,4 +28,5 @@ pub use error::Error;
 pub use loader::{LoadFormat, LoadOptions, ProgressMode};
 pub use model::Model;
 pub use presets::PRESET_NAMES;
+pub use shard::TpShard;
 pub use source::{SafetensorsSource, TensorMeta, WeightSource, INDEX_FILE, SINGLE_FILE};

@@ -5,9 +5,14 @@
 //! Fusing here, once, lets each layer run one matmul for attention inputs and one for the MLP
 //! input. Rows concatenate because linear weights are `[out, in]`: the fused output row is
 //! `[q | k | v]` and `[gate | up]`, the layouts `allam_backend::Backend` documents.
+//!
+//! Under tensor parallelism (a backend whose `world_size()` exceeds 1) each tensor's full
+//! shape is still checked against the config, but only this rank's rows or columns are read
+//! (`shard.rs` says which) and uploaded: a rank holds about 1/N of the weights.
 
 use std::borrow::Cow;
 use std::io::IsTerminal;
+use std::ops::Range;
 use std::path::Path;
 
 use allam_backend::{decode_to_f32, Backend, DType, Weight};
@@ -15,6 +20,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::dummy::DummySource;
 use crate::model::LayerWeights;
+use crate::shard::{ShardPlan, TpShard};
 use crate::source::{SafetensorsSource, WeightSource};
 use crate::tensor_names::{self, checkpoint_tensors};
 use crate::{rope, Error, Model, ModelConfig};
@@ -75,7 +81,9 @@ impl Model {
         Model::from_source(config, &source, backend, ProgressMode::Never)
     }
 
-    /// Loads every tensor `config` implies from `source`.
+    /// Loads every tensor `config` implies from `source`: all of it at world size 1, this
+    /// rank's slices when `backend` is one rank of a tensor-parallel group
+    /// ([`TpShard::of`]). A config the group cannot split fails here, before any read.
     pub fn from_source(
         config: ModelConfig,
         source: &dyn WeightSource,
@@ -83,6 +91,7 @@ impl Model {
         progress: ProgressMode,
     ) -> Result<Model, Error> {
         config.validate()?;
+        let plan = ShardPlan::new(&config, TpShard::of(backend))?;
         let bar = progress_bar(
             progress,
             checkpoint_tensors(&config).len() as u64,
@@ -93,17 +102,15 @@ impl Model {
             backend,
             bar: &bar,
         };
-        let embed = loader.single(
-            &tensor_names::embed(),
-            &[config.vocab_size, config.hidden_size],
-        )?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        let (h, q, kv, inter) = (
+        let (h, q, kv, inter, vocab) = (
             config.hidden_size,
             config.q_dim(),
             config.kv_dim(),
             config.intermediate_size,
+            config.vocab_size,
         );
+        let embed = loader.rows(&tensor_names::embed(), &[vocab, h], plan.vocab.clone())?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let name = |leaf| tensor_names::layer(i, leaf);
             layers.push(LayerWeights {
@@ -111,27 +118,30 @@ impl Model {
                 qkv: loader.fused(
                     &name("self_attn.qkv_proj"),
                     &[
-                        (name("self_attn.q_proj"), q),
-                        (name("self_attn.k_proj"), kv),
-                        (name("self_attn.v_proj"), kv),
+                        (name("self_attn.q_proj"), q, plan.q_rows.clone()),
+                        (name("self_attn.k_proj"), kv, plan.kv_rows.clone()),
+                        (name("self_attn.v_proj"), kv, plan.kv_rows.clone()),
                     ],
                     h,
                 )?,
-                o_proj: loader.single(&name("self_attn.o_proj"), &[h, q])?,
+                o_proj: loader.cols(&name("self_attn.o_proj"), &[h, q], plan.q_rows.clone())?,
                 post_norm: loader.single(&name("post_attention_layernorm"), &[h])?,
                 gate_up: loader.fused(
                     &name("mlp.gate_up_proj"),
-                    &[(name("mlp.gate_proj"), inter), (name("mlp.up_proj"), inter)],
+                    &[
+                        (name("mlp.gate_proj"), inter, plan.inter.clone()),
+                        (name("mlp.up_proj"), inter, plan.inter.clone()),
+                    ],
                     h,
                 )?,
-                down: loader.single(&name("mlp.down_proj"), &[h, inter])?,
+                down: loader.cols(&name("mlp.down_proj"), &[h, inter], plan.inter.clone())?,
             });
         }
         let final_norm = loader.single(&tensor_names::final_norm(), &[h])?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(loader.single(&tensor_names::lm_head(), &[config.vocab_size, h])?)
+            Some(loader.rows(&tensor_names::lm_head(), &[vocab, h], plan.vocab.clone())?)
         };
         let table = rope::rope_table(&config);
         let rope_table = backend
@@ -140,13 +150,21 @@ impl Model {
         bar.finish_and_clear();
         if progress == ProgressMode::Always {
             eprintln!(
-                "loaded {} parameters from {}",
+                "loaded {} parameters from {}{}",
                 config.num_parameters(),
-                source.location().display()
+                source.location().display(),
+                if plan.shard.world_size > 1 {
+                    format!(
+                        " (rank {} of {}: its slices only)",
+                        plan.shard.rank, plan.shard.world_size
+                    )
+                } else {
+                    String::new()
+                }
             );
         }
         Ok(Model::new(
-            config, embed, layers, final_norm, lm_head, rope_table,
+            config, plan, embed, layers, final_norm, lm_head, rope_table,
         ))
     }
 }
@@ -177,10 +195,9 @@ struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    /// Reads `name`, checking its shape.
-    fn read_checked(&self, name: &str, shape: &[usize]) -> Result<(DType, Cow<'a, [u8]>), Error> {
-        let source: &'a dyn WeightSource = self.source;
-        let meta = source.meta(name)?;
+    /// Checks `name`'s full shape against the config; returns its dtype and file.
+    fn check(&self, name: &str, shape: &[usize]) -> Result<DType, Error> {
+        let meta = self.source.meta(name)?;
         if meta.shape != shape {
             return Err(Error::TensorShape {
                 tensor: name.to_owned(),
@@ -189,29 +206,81 @@ impl<'a> Loader<'a> {
                 actual: meta.shape,
             });
         }
-        let bytes = source.read(name)?;
-        self.bar.inc(1);
-        Ok((meta.dtype, bytes))
+        Ok(meta.dtype)
     }
 
-    fn single(&mut self, name: &str, shape: &[usize]) -> Result<Weight, Error> {
-        let (dtype, bytes) = self.read_checked(name, shape)?;
-        let weight = self.backend.upload_weight(name, dtype, shape, &bytes);
+    /// Shape-checks `name` and reads its rows `rows`.
+    fn read_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<(DType, Cow<'a, [u8]>), Error> {
+        let source: &'a dyn WeightSource = self.source;
+        let dtype = self.check(name, shape)?;
+        let bytes = source.read_rows(name, rows)?;
+        self.bar.inc(1);
+        Ok((dtype, bytes))
+    }
+
+    fn upload(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        bytes: &[u8],
+    ) -> Result<Weight, Error> {
+        let weight = self.backend.upload_weight(name, dtype, shape, bytes);
         weight.map_err(Error::backend(format!("uploading tensor `{name}`")))
     }
 
-    /// Concatenates the rows of `parts` (each `[rows, cols]`) into one weight `fused_name`.
+    /// A replicated tensor: all of it on every rank.
+    fn single(&mut self, name: &str, shape: &[usize]) -> Result<Weight, Error> {
+        let rows = shape.first().copied().unwrap_or(1);
+        let (dtype, bytes) = self.read_rows(name, shape, 0..rows)?;
+        self.upload(name, dtype, shape, &bytes)
+    }
+
+    /// Rows `rows` of a 2-D `[rows, cols]` tensor (column-parallel: a vocabulary slice).
+    fn rows(
+        &mut self,
+        name: &str,
+        shape: &[usize; 2],
+        rows: Range<usize>,
+    ) -> Result<Weight, Error> {
+        let local = [rows.len(), shape[1]];
+        let (dtype, bytes) = self.read_rows(name, shape, rows)?;
+        self.upload(name, dtype, &local, &bytes)
+    }
+
+    /// Columns `cols` of a 2-D `[rows, cols]` tensor (row-parallel: o_proj, down_proj).
+    fn cols(
+        &mut self,
+        name: &str,
+        shape: &[usize; 2],
+        cols: Range<usize>,
+    ) -> Result<Weight, Error> {
+        let source: &'a dyn WeightSource = self.source;
+        let dtype = self.check(name, shape)?;
+        let local = [shape[0], cols.len()];
+        let bytes = source.read_cols(name, cols)?;
+        self.bar.inc(1);
+        self.upload(name, dtype, &local, &bytes)
+    }
+
+    /// Concatenates rows `range` of each part (each `[total_rows, cols]`) into one weight
+    /// `fused_name`.
     fn fused(
         &mut self,
         fused_name: &str,
-        parts: &[(String, usize)],
+        parts: &[(String, usize, Range<usize>)],
         cols: usize,
     ) -> Result<Weight, Error> {
         let mut pieces = Vec::with_capacity(parts.len());
-        for (name, rows) in parts {
-            pieces.push(self.read_checked(name, &[*rows, cols])?);
+        for (name, rows, range) in parts {
+            pieces.push(self.read_rows(name, &[*rows, cols], range.clone())?);
         }
-        let total_rows: usize = parts.iter().map(|(_, rows)| rows).sum();
+        let total_rows: usize = parts.iter().map(|(_, _, range)| range.len()).sum();
         let first_dtype = pieces[0].0;
         let (dtype, bytes) = if pieces.iter().all(|(d, _)| *d == first_dtype) {
             (

@@ -5,9 +5,17 @@
 //! `x += attn Wo^T` (all-reduced under tensor parallelism), `h = norm(x)`,
 //! `x += (silu(h Wg^T) * h Wu^T) Wd^T` (all-reduced). Residual adds are fused into the next
 //! norm. Only rows in `logits_rows` go through the final norm's gather and `lm_head`.
+//!
+//! Tensor parallelism (see `shard.rs`): each rank runs the same pass over its slices. The
+//! embedding lookup of a vocabulary slice is all-reduced, o_proj and down_proj outputs are
+//! all-reduced, and lm_head's vocabulary slices of the logits are all-gathered, so every rank
+//! ends with the whole logits. Every rank must call `forward` with the same batch.
+
+use std::ops::Range;
 
 use allam_backend::{AttentionLayout, Backend, KvCache, KvCacheSpec, StepBatch, Tensor, Weight};
 
+use crate::shard::{ShardPlan, TpShard};
 use crate::{Error, ModelConfig};
 
 pub(crate) struct LayerWeights {
@@ -21,10 +29,17 @@ pub(crate) struct LayerWeights {
     pub(crate) down: Weight,
 }
 
-/// A Llama model whose weights live on one backend.
+/// A Llama model whose weights live on one backend (all of them, or one tensor-parallel
+/// rank's slices).
 pub struct Model {
     config: ModelConfig,
+    shard: TpShard,
+    /// This rank's attention geometry (all heads at world size 1).
     layout: AttentionLayout,
+    /// This rank's columns of the intermediate size.
+    intermediate_local: usize,
+    /// This rank's rows of the embedding and lm_head.
+    vocab_range: Range<usize>,
     rms_norm_eps: f32,
     embed: Weight,
     layers: Vec<LayerWeights>,
@@ -49,6 +64,7 @@ struct Activations {
 impl Model {
     pub(crate) fn new(
         config: ModelConfig,
+        plan: ShardPlan,
         embed: Weight,
         layers: Vec<LayerWeights>,
         final_norm: Weight,
@@ -56,7 +72,10 @@ impl Model {
         rope_table: Weight,
     ) -> Model {
         Model {
-            layout: config.attention_layout(),
+            shard: plan.shard,
+            layout: plan.layout,
+            intermediate_local: plan.inter.len(),
+            vocab_range: plan.vocab,
             rms_norm_eps: config.rms_norm_eps as f32,
             config,
             embed,
@@ -67,8 +86,41 @@ impl Model {
         }
     }
 
+    /// The whole model's config (not this rank's slice of it).
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// This model's place in its tensor-parallel group.
+    pub fn tp_shard(&self) -> TpShard {
+        self.shard
+    }
+
+    /// Bytes of the checkpoint weights this rank holds on its backend, in the backend's
+    /// weight dtype (about 1/N of the whole under tensor parallelism of N).
+    pub fn weight_bytes(&self) -> u64 {
+        let bytes = |w: &Weight| (w.numel() * w.dtype().size_in_bytes()) as u64;
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.input_norm,
+                    &l.qkv,
+                    &l.o_proj,
+                    &l.post_norm,
+                    &l.gate_up,
+                    &l.down,
+                ]
+                .into_iter()
+                .map(bytes)
+                .sum::<u64>()
+            })
+            .sum();
+        bytes(&self.embed)
+            + layers
+            + bytes(&self.final_norm)
+            + self.lm_head.as_ref().map_or(0, bytes)
     }
 
     /// The KV cache geometry for `num_blocks` blocks of `block_size` tokens.
@@ -126,9 +178,24 @@ impl Model {
         let mut a = self.alloc_activations(backend, n)?;
         let eps = self.rms_norm_eps;
         let layout = &self.layout;
-        backend
-            .embedding(&self.embed, &step, &mut a.residual)
-            .map_err(Error::backend("embedding"))?;
+        if self.shard.world_size == 1 {
+            backend
+                .embedding(&self.embed, &step, &mut a.residual)
+                .map_err(Error::backend("embedding"))?;
+        } else {
+            backend
+                .embedding_shard(
+                    &self.embed,
+                    self.vocab_range.start,
+                    self.config.vocab_size,
+                    &step,
+                    &mut a.residual,
+                )
+                .map_err(Error::backend("embedding"))?;
+            backend
+                .all_reduce_sum(&mut a.residual)
+                .map_err(Error::backend("embedding all-reduce"))?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             if i == 0 {
                 backend.rms_norm(&a.residual, &layer.input_norm, eps, &mut a.normed)
@@ -203,12 +270,21 @@ impl Model {
             .gather_rows(&a.normed, &step, &mut picked)
             .map_err(Error::backend("gathering logits rows"))?;
         let mut logits = backend
-            .alloc(&[rows, self.config.vocab_size])
+            .alloc(&[rows, self.vocab_range.len()])
             .map_err(Error::backend("allocating logits"))?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         backend
             .linear(&picked, lm_head, &mut logits)
             .map_err(Error::backend("lm_head"))?;
+        if self.shard.world_size > 1 {
+            let mut all = backend
+                .alloc(&[rows, self.config.vocab_size])
+                .map_err(Error::backend("allocating gathered logits"))?;
+            backend
+                .all_gather_cols(&logits, &mut all)
+                .map_err(Error::backend("logits all-gather"))?;
+            logits = all;
+        }
         backend
             .to_host_f32(&logits)
             .map_err(Error::backend("copying logits to the host"))
@@ -216,7 +292,7 @@ impl Model {
 
     fn alloc_activations(&self, backend: &mut dyn Backend, n: usize) -> Result<Activations, Error> {
         let h = self.config.hidden_size;
-        let inter = self.config.intermediate_size;
+        let inter = self.intermediate_local;
         let mut alloc = |cols: usize| {
             backend.alloc(&[n, cols]).map_err(Error::backend(format!(
                 "allocating activations [{n}, {cols}]"

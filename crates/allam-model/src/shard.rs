@@ -171,7 +171,14 @@ mod tests {
     /// Every query head of every rank reads the KV head the unsharded model gives it.
     #[test]
     fn query_heads_keep_their_kv_head_when_split_or_replicated() {
-        for (n_q, n_kv, n) in [(8, 8, 2), (8, 2, 2), (8, 2, 4), (8, 2, 8), (8, 1, 4), (8, 4, 8)] {
+        for (n_q, n_kv, n) in [
+            (8, 8, 2),
+            (8, 2, 2),
+            (8, 2, 4),
+            (8, 2, 8),
+            (8, 1, 4),
+            (8, 4, 8),
+        ] {
             let config = config(n_q, n_kv);
             let d = config.head_dim;
             let mut covered = Vec::new();
@@ -218,9 +225,15 @@ mod tests {
             (config(12, 4), 6, "num_key_value_heads"),
         ];
         for (config, n, field) in cases {
-            let err = ShardPlan::new(&config, TpShard { rank: 0, world_size: n })
-                .expect_err(field)
-                .to_string();
+            let err = ShardPlan::new(
+                &config,
+                TpShard {
+                    rank: 0,
+                    world_size: n,
+                },
+            )
+            .expect_err(field)
+            .to_string();
             assert!(err.contains(field) && err.contains(&n.to_string()), "{err}");
         }
     }

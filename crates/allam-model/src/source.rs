@@ -309,3 +309,63 @@ fn describe_header_error(bytes: &[u8], err: SafeTensorError) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One 3x4 bf16-sized tensor `t` whose bytes count up, plus a 1-D `v`.
+    struct Mem;
+
+    impl WeightSource for Mem {
+        fn location(&self) -> &Path {
+            Path::new("<mem>")
+        }
+        fn meta(&self, name: &str) -> Result<TensorMeta, Error> {
+            let shape = match name {
+                "t" => vec![3, 4],
+                "v" => vec![5],
+                _ => {
+                    return Err(Error::MissingTensor {
+                        tensor: name.to_owned(),
+                        path: PathBuf::from("<mem>"),
+                    })
+                }
+            };
+            Ok(TensorMeta {
+                dtype: DType::BF16,
+                shape,
+                file: PathBuf::from("<mem>"),
+            })
+        }
+        fn read(&self, name: &str) -> Result<Cow<'_, [u8]>, Error> {
+            let numel: usize = self.meta(name)?.shape.iter().product();
+            Ok(Cow::Owned((0..2 * numel as u8).collect()))
+        }
+    }
+
+    #[test]
+    fn column_slices_take_the_same_columns_of_every_row() {
+        // Element (r, c) is bytes [2 * (4r + c), 2 * (4r + c) + 1].
+        let got = Mem.read_cols("t", 1..3).expect("cols");
+        let want: Vec<u8> = (0..3u8)
+            .flat_map(|r| (1..3u8).flat_map(move |c| [2 * (4 * r + c), 2 * (4 * r + c) + 1]))
+            .collect();
+        assert_eq!(got.as_ref(), want.as_slice());
+        assert_eq!(
+            Mem.read_cols("t", 0..4).expect("all").as_ref(),
+            Mem.read("t").expect("all").as_ref()
+        );
+        assert_eq!(
+            Mem.read_rows("t", 2..3).expect("row").as_ref(),
+            &[16, 17, 18, 19, 20, 21, 22, 23]
+        );
+        for (name, cols) in [("t", 2..5), ("v", 0..1)] {
+            let err = Mem
+                .read_cols(name, cols)
+                .expect_err("bad range")
+                .to_string();
+            assert!(err.contains(&format!("`{name}`")), "{err}");
+        }
+    }
+}

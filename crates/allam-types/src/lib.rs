@@ -117,12 +117,20 @@ pub struct SequenceEnd {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// The prompt was admitted.
-    Started { prompt_token_ids: Vec<TokenId> },
+    Started {
+        prompt_token_ids: Vec<TokenId>,
+    },
     /// Per prompt position; the first entry is `None` (nothing predicts the first token).
     PromptLogprobs(Vec<Option<StepLogprobs>>),
     Delta(TokenDelta),
     SequenceEnd(SequenceEnd),
-    Finished { usage: Usage, timings: Timings },
+    Finished {
+        usage: Usage,
+        timings: Timings,
+    },
     /// The request could not be completed; `reason` is a stable label, `message` is for people.
-    Failed { reason: &'static str, message: String },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
 }

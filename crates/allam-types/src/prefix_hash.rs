@@ -65,7 +65,10 @@ mod tests {
     fn only_full_blocks_are_hashed() {
         assert_eq!(prefix_block_hashes(&[1, 2, 3], 4).len(), 0);
         assert_eq!(prefix_block_hashes(&[1, 2, 3, 4, 5], 4).len(), 1);
-        assert_eq!(prefix_block_hashes(&(0..32).collect::<Vec<_>>(), 16).len(), 2);
+        assert_eq!(
+            prefix_block_hashes(&(0..32).collect::<Vec<_>>(), 16).len(),
+            2
+        );
         assert!(prefix_block_hashes(&[1, 2], 0).is_empty());
     }
 
@@ -100,8 +103,14 @@ mod tests {
 
     #[test]
     fn token_order_matters() {
-        assert_ne!(next_block_hash(None, &[1, 2]), next_block_hash(None, &[2, 1]));
-        assert_ne!(next_block_hash(None, &[1, 2]), next_block_hash(Some(0), &[1, 2]));
+        assert_ne!(
+            next_block_hash(None, &[1, 2]),
+            next_block_hash(None, &[2, 1])
+        );
+        assert_ne!(
+            next_block_hash(None, &[1, 2]),
+            next_block_hash(Some(0), &[1, 2])
+        );
     }
 
     #[test]

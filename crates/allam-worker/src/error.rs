@@ -26,6 +26,8 @@ pub enum Error {
     Engine(#[from] allam_engine::Error),
     #[error(transparent)]
     Membership(#[from] allam_membership::Error),
+    #[error(transparent)]
+    Tp(#[from] crate::tp::TpError),
     /// The internal gRPC server failed (bind, TLS, transport).
     #[error("worker gRPC server: {0}")]
     Serve(String),
@@ -41,6 +43,7 @@ impl Error {
             Error::Model(_) => "model",
             Error::Engine(e) => e.reason(),
             Error::Membership(e) => e.reason(),
+            Error::Tp(e) => e.reason(),
             Error::Serve(_) => "serve",
         }
     }

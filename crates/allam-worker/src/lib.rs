@@ -7,6 +7,7 @@
 mod error;
 pub mod group;
 mod service;
+pub mod tp;
 
 pub use error::Error;
 pub use service::{serve_worker, WorkerService};

@@ -24,6 +24,7 @@ use allam_types::{EngineEvent, FinishReason, StepLogprobs, TokenLogprob};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::Error;
 
@@ -152,8 +153,11 @@ impl WorkerService {
                 .await
                 .map_err(|e| Status::internal(format!("validation task failed: {e}")))?
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let events = self.engine.submit(valid).map_err(submit_status)?;
-        Ok(Box::pin(worker_events(events, deadline)))
+        // Submitted inside the span: the engine's queue/prefill/decode spans become its children.
+        let events = span
+            .in_scope(|| self.engine.submit(valid))
+            .map_err(submit_status)?;
+        Ok(Box::pin(worker_events(events, deadline, span)))
     }
 }
 
@@ -173,24 +177,28 @@ fn submit_status(error: allam_engine::Error) -> Status {
     }
 }
 
-/// Engine events → wire events, ending at the deadline if one was given.
+/// Engine events → wire events, ending at the deadline if one was given. Every wait for an
+/// event runs inside `span` (the request's `worker.generate`), so the span lasts until the
+/// last event arrived (an OpenTelemetry span ends at its last exit).
 fn worker_events(
     mut events: allam_engine::EventStream,
     deadline: Option<Instant>,
+    span: tracing::Span,
 ) -> impl Stream<Item = Result<wpb::WorkerEvent, Status>> + Send {
     async_stream::stream! {
         let mut sent_output = false;
         loop {
             let next = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline.into(), events.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        // Dropping `events` (when this stream ends) cancels the request.
-                        yield Err(Status::deadline_exceeded("the request's deadline passed"));
-                        return;
-                    }
-                },
-                None => events.next().await,
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), events.next())
+                    .instrument(span.clone())
+                    .await
+                    .ok(),
+                None => Some(events.next().instrument(span.clone()).await),
+            };
+            let Some(next) = next else {
+                // Dropping `events` (when this stream ends) cancels the request.
+                yield Err(Status::deadline_exceeded("the request's deadline passed"));
+                return;
             };
             let Some(event) = next else { return };
             let terminal = matches!(event, EngineEvent::Finished { .. } | EngineEvent::Failed { .. });

@@ -44,11 +44,19 @@ fn run_staggered(config: EngineConfig, prompts: &[Vec<TokenId>], max_new: usize)
     for (p, s) in prompts.iter().zip(started) {
         let out = s.finish();
         assert_eq!(out.failed, None);
-        assert_eq!(out.ids[0], fake_greedy(p, max_new), "prompt of {} tokens", p.len());
+        assert_eq!(
+            out.ids[0],
+            fake_greedy(p, max_new),
+            "prompt of {} tokens",
+            p.len()
+        );
         let end = out.ends[0].clone().expect("ended");
         assert_eq!(end.0, FinishReason::Length);
         assert_eq!(end.2, out.ids[0]);
-        assert_eq!(end.1, out.texts[0], "SequenceEnd text = concatenated deltas");
+        assert_eq!(
+            end.1, out.texts[0],
+            "SequenceEnd text = concatenated deltas"
+        );
     }
     assert_pool_full(&handle);
     let preemptions = handle.stats().preemptions;
@@ -71,7 +79,10 @@ fn preemption_under_a_tiny_pool_keeps_outputs() {
     };
     let prompts: Vec<_> = (0..6).map(|i| prompt(i, 20 + i as usize * 5)).collect();
     let preemptions = run_staggered(config, &prompts, 30);
-    assert!(preemptions > 0, "24 blocks of 4 cannot hold 6 sequences of ~60 tokens");
+    assert!(
+        preemptions > 0,
+        "24 blocks of 4 cannot hold 6 sequences of ~60 tokens"
+    );
 }
 
 #[test]
@@ -91,9 +102,17 @@ fn prefix_cache_hit_reports_cached_tokens_and_same_output() {
     let shared = prompt(7, 41);
     let mut second = shared.clone();
     second.extend([500, 501, 502]);
-    let first = collect(&mut handle.submit(valid(&tok, &shared, greedy(8))).expect("submit"));
+    let first = collect(
+        &mut handle
+            .submit(valid(&tok, &shared, greedy(8)))
+            .expect("submit"),
+    );
     assert_eq!(first.usage.expect("finished").cached_tokens, 0);
-    let out = collect(&mut handle.submit(valid(&tok, &second, greedy(8))).expect("submit"));
+    let out = collect(
+        &mut handle
+            .submit(valid(&tok, &second, greedy(8)))
+            .expect("submit"),
+    );
     assert_eq!(out.ids[0], fake_greedy(&second, 8));
     // 41 shared tokens = 10 full blocks of 4.
     assert_eq!(out.usage.expect("finished").cached_tokens, 40);
@@ -152,7 +171,11 @@ fn seeded_sampling_is_reproducible_across_batch_mixes() {
     for i in 0..4 {
         others.push(
             handle
-                .submit(valid(&tok, &prompt(20 + i, 9 + i as usize * 13), sampled(u64::from(i))))
+                .submit(valid(
+                    &tok,
+                    &prompt(20 + i, 9 + i as usize * 13),
+                    sampled(u64::from(i)),
+                ))
                 .expect("submit"),
         );
     }
@@ -161,7 +184,10 @@ fn seeded_sampling_is_reproducible_across_batch_mixes() {
         assert_eq!(collect(&mut s).failed, None);
     }
     assert_eq!(alone.ids, mixed.ids);
-    assert_ne!(alone.ids[0], alone.ids[1], "the n sequences draw from different streams");
+    assert_ne!(
+        alone.ids[0], alone.ids[1],
+        "the n sequences draw from different streams"
+    );
     let other_seed = collect(&mut handle.submit(valid(&tok, &p, sampled(43))).expect("submit"));
     assert_ne!(alone.ids, other_seed.ids);
     assert_pool_full(&handle);
@@ -186,10 +212,20 @@ fn stop_string_split_across_tokens_is_caught_and_excluded() {
     let k = (3..pieces.len() - 1)
         .find(|&k| {
             let (a, b) = (&pieces[k], &pieces[k + 1]);
-            a.chars().count() >= 2 && !b.is_empty() && !a.contains('\u{fffd}') && !b.contains('\u{fffd}')
+            a.chars().count() >= 2
+                && !b.is_empty()
+                && !a.contains('\u{fffd}')
+                && !b.contains('\u{fffd}')
         })
         .expect("some adjacent pieces have text");
-    let tail: String = pieces[k].chars().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: String = pieces[k]
+        .chars()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     let stop = format!("{tail}{}", pieces[k + 1].chars().next().expect("non-empty"));
     let cut = full.find(&stop).expect("stop occurs");
     let out = run(RawSamplingParams {
@@ -199,7 +235,11 @@ fn stop_string_split_across_tokens_is_caught_and_excluded() {
     let end = out.ends[0].clone().expect("ended");
     assert_eq!(end.0, FinishReason::Stop);
     assert_eq!(end.1, full[..cut]);
-    assert_eq!(out.texts[0], full[..cut], "streamed text excludes the stop string");
+    assert_eq!(
+        out.texts[0],
+        full[..cut],
+        "streamed text excludes the stop string"
+    );
     assert!(!out.texts[0].contains(&stop));
     // With min_new_tokens past the stop point the string no longer stops the sequence.
     let out = run(RawSamplingParams {
@@ -219,7 +259,10 @@ fn stop_token_ids_end_the_sequence_without_text() {
     let p = prompt(9, 10);
     let reference = fake_greedy(&p, 12);
     let stop_id = reference[4];
-    let cut = reference.iter().position(|&t| t == stop_id).expect("present");
+    let cut = reference
+        .iter()
+        .position(|&t| t == stop_id)
+        .expect("present");
     let out = collect(
         &mut handle
             .submit(valid(
@@ -232,7 +275,11 @@ fn stop_token_ids_end_the_sequence_without_text() {
             ))
             .expect("submit"),
     );
-    assert_eq!(out.ids[0], reference[..=cut].to_vec(), "the stop token id is reported");
+    assert_eq!(
+        out.ids[0],
+        reference[..=cut].to_vec(),
+        "the stop token id is reported"
+    );
     let text_before = tok.decode(&reference[..cut], true).expect("decodes");
     assert_eq!(out.texts[0], text_before);
     assert_eq!(out.ends[0].clone().expect("ended").0, FinishReason::Stop);
@@ -278,7 +325,11 @@ fn logprobs_and_prompt_logprobs_follow_the_model() {
         assert!((lp.chosen.logprob - log_softmax(&context, id)).abs() < 1e-4);
         context.push(id);
     }
-    assert_eq!(out.usage.expect("finished").cached_tokens, 0, "no cache with prompt logprobs");
+    assert_eq!(
+        out.usage.expect("finished").cached_tokens,
+        0,
+        "no cache with prompt logprobs"
+    );
 }
 
 #[test]
@@ -286,10 +337,16 @@ fn dropping_streams_cancels_and_frees_every_block() {
     let (handle, _) = start_fake(config(), 256);
     let tok = tokenizer();
     let running = Started::until_first_token(
-        handle.submit(valid(&tok, &prompt(1, 30), greedy(2000))).expect("submit"),
+        handle
+            .submit(valid(&tok, &prompt(1, 30), greedy(900)))
+            .expect("submit"),
     );
     let queued: Vec<_> = (0..3)
-        .map(|i| handle.submit(valid(&tok, &prompt(i, 50), greedy(2000))).expect("submit"))
+        .map(|i| {
+            handle
+                .submit(valid(&tok, &prompt(i, 50), greedy(900)))
+                .expect("submit")
+        })
         .collect();
     wait_until("work in the pool", || handle.stats().kv_blocks_used > 0);
     drop(running);
@@ -302,10 +359,18 @@ fn dropping_streams_cancels_and_frees_every_block() {
 fn stream_impl_ends_with_finished() {
     let (handle, _) = start_fake(config(), 256);
     let tok = tokenizer();
-    let stream = handle.submit(valid(&tok, &prompt(2, 6), greedy(3))).expect("submit");
+    let stream = handle
+        .submit(valid(&tok, &prompt(2, 6), greedy(3)))
+        .expect("submit");
     let events: Vec<_> = futures::executor::block_on(stream.collect());
-    assert!(matches!(events.first(), Some(allam_types::EngineEvent::Started { .. })));
-    assert!(matches!(events.last(), Some(allam_types::EngineEvent::Finished { .. })));
+    assert!(matches!(
+        events.first(),
+        Some(allam_types::EngineEvent::Started { .. })
+    ));
+    assert!(matches!(
+        events.last(),
+        Some(allam_types::EngineEvent::Finished { .. })
+    ));
     assert_eq!(events.len(), 1 + 3 + 1 + 1);
 }
 
@@ -318,18 +383,34 @@ fn admission_errors_are_typed() {
     let (handle, hooks) = start_fake(config, 16); // 64 tokens of cache
     let tok = tokenizer();
     match handle.submit(valid(&tok, &prompt(1, 60), greedy(10))) {
-        Err(Error::PromptTooLarge { capacity_tokens: 64, .. }) => {}
+        Err(Error::PromptTooLarge {
+            capacity_tokens: 64,
+            ..
+        }) => {}
         other => panic!("expected PromptTooLarge, got {other:?}"),
     }
-    let out_of_vocab = valid(&tok, &[1, 3999], greedy(1));
-    assert!(handle.submit(out_of_vocab).is_ok(), "ids within the vocabulary are fine");
+    let last_id = valid(&tok, &[1, 3999], greedy(1));
+    let out = collect(
+        &mut handle
+            .submit(last_id)
+            .expect("ids within the vocabulary are fine"),
+    );
+    assert_eq!(out.failed, None);
     // Hold the engine inside a step, so submissions stay queued.
     hooks.gate.close();
     let entered = hooks.gate.entered.load(Ordering::SeqCst);
-    let first = handle.submit(valid(&tok, &prompt(2, 5), greedy(50))).expect("submit");
-    wait_until("a step to start", || hooks.gate.entered.load(Ordering::SeqCst) > entered);
+    let first = handle
+        .submit(valid(&tok, &prompt(2, 5), greedy(50)))
+        .expect("submit");
+    wait_until("a step to start", || {
+        hooks.gate.entered.load(Ordering::SeqCst) > entered
+    });
     let queued: Vec<_> = (0..2)
-        .map(|i| handle.submit(valid(&tok, &prompt(i, 5), greedy(1))).expect("room for 2"))
+        .map(|i| {
+            handle
+                .submit(valid(&tok, &prompt(i, 5), greedy(1)))
+                .expect("room for 2")
+        })
         .collect();
     match handle.submit(valid(&tok, &prompt(9, 5), greedy(1))) {
         Err(Error::QueueFull { max_waiting: 2 }) => {}
@@ -348,26 +429,48 @@ fn admission_errors_are_typed() {
 }
 
 #[test]
-fn shutdown_hands_back_queued_and_fails_running() {
+fn drain_hands_back_queued_then_shutdown_fails_running() {
     let (handle, hooks) = start_fake(config(), 256);
     let tok = tokenizer();
     hooks.gate.close();
     let entered = hooks.gate.entered.load(Ordering::SeqCst);
-    let mut running = handle.submit(valid(&tok, &prompt(1, 5), greedy(100))).expect("submit");
-    wait_until("a step to start", || hooks.gate.entered.load(Ordering::SeqCst) > entered);
-    let mut queued = handle.submit(valid(&tok, &prompt(2, 5), greedy(100))).expect("submit");
+    let running = handle
+        .submit(valid(&tok, &prompt(1, 5), greedy(900)))
+        .expect("submit");
+    wait_until("a step to start", || {
+        hooks.gate.entered.load(Ordering::SeqCst) > entered
+    });
+    let mut queued = handle
+        .submit(valid(&tok, &prompt(2, 5), greedy(100)))
+        .expect("submit");
+    handle.drain();
+    assert!(matches!(
+        handle.submit(valid(&tok, &prompt(3, 5), greedy(1))),
+        Err(Error::Stopped)
+    ));
+    hooks.gate.open();
+    let queued_out = collect(&mut queued);
+    assert_eq!(
+        queued_out.failed.map(|f| f.0),
+        Some(failure_reason::UNAVAILABLE.to_owned()),
+        "a request that never started is handed back as retryable"
+    );
+    // The running request goes on after the drain...
+    let running = Started::until_first_token(running);
+    // ...until shutdown fails it.
+    hooks.gate.close();
+    let entered = hooks.gate.entered.load(Ordering::SeqCst);
+    wait_until("another step", || {
+        hooks.gate.entered.load(Ordering::SeqCst) > entered
+    });
     let shutdown = {
         let handle = handle.clone();
         std::thread::spawn(move || handle.shutdown())
     };
-    let queued_out = collect(&mut queued);
-    assert_eq!(
-        queued_out.failed.map(|f| f.0),
-        Some(failure_reason::UNAVAILABLE.to_owned())
-    );
     hooks.gate.open();
     shutdown.join().expect("shutdown joins");
-    let running_out = collect(&mut running);
+    let running_out = running.finish();
+    assert!(!running_out.ids[0].is_empty());
     assert_eq!(
         running_out.failed.map(|f| f.0),
         Some(failure_reason::SHUTDOWN.to_owned())
@@ -379,8 +482,15 @@ fn a_failed_step_fails_its_requests_and_the_engine_goes_on() {
     let (handle, hooks) = start_fake(config(), 256);
     let tok = tokenizer();
     hooks.fail.store(true, Ordering::SeqCst);
-    let out = collect(&mut handle.submit(valid(&tok, &prompt(1, 5), greedy(4))).expect("submit"));
-    assert_eq!(out.failed.map(|f| f.0), Some(failure_reason::ENGINE_ERROR.to_owned()));
+    let out = collect(
+        &mut handle
+            .submit(valid(&tok, &prompt(1, 5), greedy(4)))
+            .expect("submit"),
+    );
+    assert_eq!(
+        out.failed.map(|f| f.0),
+        Some(failure_reason::ENGINE_ERROR.to_owned())
+    );
     hooks.fail.store(false, Ordering::SeqCst);
     let p = prompt(1, 5);
     let out = collect(&mut handle.submit(valid(&tok, &p, greedy(4))).expect("submit"));
@@ -410,7 +520,11 @@ fn mix_item() -> impl Strategy<Value = MixItem> {
     )
 }
 
-fn run_mix(config: EngineConfig, items: &[MixItem], prefixes: &[Vec<TokenId>]) -> Vec<Vec<Vec<TokenId>>> {
+fn run_mix(
+    config: EngineConfig,
+    items: &[MixItem],
+    prefixes: &[Vec<TokenId>],
+) -> Vec<Vec<Vec<TokenId>>> {
     let num_blocks = config.num_blocks.expect("sized");
     let (handle, _) = start_fake(config, num_blocks);
     let tok = tokenizer();

@@ -86,7 +86,10 @@ impl Started {
     pub fn until_first_token(mut stream: EventStream) -> Started {
         let mut seen = Vec::new();
         while let Some(event) = stream.blocking_next() {
-            let done = !matches!(event, EngineEvent::Started { .. } | EngineEvent::PromptLogprobs(_));
+            let done = !matches!(
+                event,
+                EngineEvent::Started { .. } | EngineEvent::PromptLogprobs(_)
+            );
             seen.push(event);
             if done {
                 break;
@@ -98,7 +101,10 @@ impl Started {
     pub fn finish(mut self) -> Outcome {
         let seen = std::mem::take(&mut self.seen);
         let stream = &mut self.stream;
-        outcome(seen.into_iter().chain(std::iter::from_fn(|| stream.blocking_next())))
+        outcome(
+            seen.into_iter()
+                .chain(std::iter::from_fn(|| stream.blocking_next())),
+        )
     }
 }
 
@@ -129,7 +135,10 @@ pub fn outcome(events: impl Iterator<Item = EngineEvent>) -> Outcome {
                 started = true;
             }
             EngineEvent::PromptLogprobs(lp) => {
-                assert!(started && out.ids.is_empty(), "PromptLogprobs before any delta");
+                assert!(
+                    started && out.ids.is_empty(),
+                    "PromptLogprobs before any delta"
+                );
                 assert!(out.prompt_logprobs.is_none(), "PromptLogprobs twice");
                 out.prompt_logprobs = Some(lp);
             }
@@ -149,7 +158,10 @@ pub fn outcome(events: impl Iterator<Item = EngineEvent>) -> Outcome {
                 out.ends[i] = Some((end.finish_reason, end.text, end.token_ids));
             }
             EngineEvent::Finished { usage, .. } => {
-                assert!(out.ends.iter().all(Option::is_some), "Finished before every end");
+                assert!(
+                    out.ends.iter().all(Option::is_some),
+                    "Finished before every end"
+                );
                 out.usage = Some(usage);
             }
             EngineEvent::Failed { reason, message } => {
@@ -165,7 +177,7 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
