@@ -48,7 +48,11 @@ struct Run {
 }
 
 impl Bench {
-    fn submit(&mut self, input_len: usize, output_len: usize) -> anyhow::Result<allam_engine::EventStream> {
+    fn submit(
+        &mut self,
+        input_len: usize,
+        output_len: usize,
+    ) -> anyhow::Result<allam_engine::EventStream> {
         self.salt += 1;
         let raw = RawRequest {
             input: PromptInput::TokenIds(prompt_ids(input_len, self.vocab, self.salt)),
@@ -105,7 +109,12 @@ impl Bench {
         Ok((run.output_tokens.saturating_sub(1)) as f64 / seconds.max(1e-9))
     }
 
-    fn throughput(&mut self, concurrency: usize, input_len: usize, output_len: usize) -> anyhow::Result<f64> {
+    fn throughput(
+        &mut self,
+        concurrency: usize,
+        input_len: usize,
+        output_len: usize,
+    ) -> anyhow::Result<f64> {
         let start = Instant::now();
         let mut streams = Vec::with_capacity(concurrency);
         for _ in 0..concurrency {
@@ -122,7 +131,11 @@ impl Bench {
 fn parse_list(text: &str) -> anyhow::Result<Vec<usize>> {
     text.split(',')
         .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse::<usize>().with_context(|| format!("`{s}` is not a count")))
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .with_context(|| format!("`{s}` is not a count"))
+        })
         .collect()
 }
 
@@ -132,7 +145,11 @@ fn measured(result: anyhow::Result<f64>) -> Value {
         Ok(value) => json!((value * 100.0).round() / 100.0),
         Err(err) => {
             let text = format!("{err:#}");
-            let short = if text.to_lowercase().contains("memory") { "OOM".to_owned() } else { text };
+            let short = if text.to_lowercase().contains("memory") {
+                "OOM".to_owned()
+            } else {
+                text
+            };
             Value::String(short)
         }
     }
@@ -148,10 +165,16 @@ pub fn run(args: BenchEngineArgs) -> anyhow::Result<ExitCode> {
         engine: started.engine.clone(),
         tokenizer: resolved.tokenizer.clone(),
         limits: Limits::for_context(max_context as u32),
-        vocab: resolved.tokenizer.vocab_size().min(started.model_config.vocab_size),
+        vocab: resolved
+            .tokenizer
+            .vocab_size()
+            .min(started.model_config.vocab_size),
         salt: args.seed,
     };
-    eprintln!("bench-engine: {} on {}", resolved.served_name, started.backend_description);
+    eprintln!(
+        "bench-engine: {} on {}",
+        resolved.served_name, started.backend_description
+    );
     // Warm-up: first-use costs (kernel loading, allocator growth) stay out of the numbers.
     bench.ttft_ms(32)?;
 
@@ -184,7 +207,8 @@ pub fn run(args: BenchEngineArgs) -> anyhow::Result<ExitCode> {
     });
     let text = serde_json::to_string_pretty(&report)?;
     match &args.json {
-        Some(path) => std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))?,
         None => println!("{text}"),
     }
     started.engine.shutdown();

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "allam", version, about = "Serving cluster for the ALLaM family of Arabic/English LLMs")]
+#[command(
+    name = "allam",
+    version,
+    about = "Serving cluster for the ALLaM family of Arabic/English LLMs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

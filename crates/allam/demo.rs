@@ -61,7 +61,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         } else {
             (front.grpc_addr, front.http_addr)
         };
-        let cluster = LocalCluster::start(&args.model, &engine, &front, false, grpc_addr, http_addr).await?;
+        let cluster =
+            LocalCluster::start(&args.model, &engine, &front, false, grpc_addr, http_addr).await?;
         println!(
             "allam demo: router on gRPC {} and HTTP {}, one worker group (CPU) behind it",
             cluster.grpc_addr, cluster.http_addr
@@ -93,6 +94,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             serve::termination_signal().await;
         }
         let drained = cluster.stop(Duration::from_secs(10)).await;
-        Ok(if drained { ExitCode::SUCCESS } else { ExitCode::from(serve::EXIT_DRAIN_TIMEOUT) })
+        Ok(if drained {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(serve::EXIT_DRAIN_TIMEOUT)
+        })
     })
 }

@@ -135,7 +135,9 @@ fn collect(prompt: String, mut stream: allam_engine::EventStream) -> anyhow::Res
     let mut end = None;
     while let Some(event) = stream.blocking_next() {
         match event {
-            EngineEvent::Started { prompt_token_ids: ids } => prompt_token_ids = ids,
+            EngineEvent::Started {
+                prompt_token_ids: ids,
+            } => prompt_token_ids = ids,
             EngineEvent::PromptLogprobs(steps) => {
                 prompt_logprobs = Value::Array(
                     steps
@@ -151,7 +153,9 @@ fn collect(prompt: String, mut stream: allam_engine::EventStream) -> anyhow::Res
             EngineEvent::SequenceEnd(seq) if seq.index == 0 => end = Some(seq),
             EngineEvent::SequenceEnd(_) => {}
             EngineEvent::Finished { .. } => break,
-            EngineEvent::Failed { reason, message } => bail!("request failed ({reason}): {message}"),
+            EngineEvent::Failed { reason, message } => {
+                bail!("request failed ({reason}): {message}")
+            }
         }
     }
     let end = end.context("the engine ended the request without a final sequence")?;
@@ -200,7 +204,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     // Validate and submit everything first: the engine batches whatever is in flight.
     let mut submitted = Vec::new();
     for (index, line) in lines.into_iter().enumerate() {
-        let raw = line.into_raw().with_context(|| format!("request {index}"))?;
+        let raw = line
+            .into_raw()
+            .with_context(|| format!("request {index}"))?;
         let valid = allam_request::validate(raw, &limits, &tokenizer)
             .with_context(|| format!("request {index}"))?;
         let prompt = valid.prompt_text().to_owned();

@@ -40,5 +40,9 @@ pub fn run(args: GpuSelftestArgs) -> anyhow::Result<ExitCode> {
         checks.iter().filter(|c| c.passed).count(),
         checks.len()
     );
-    Ok(if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

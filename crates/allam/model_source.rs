@@ -36,7 +36,10 @@ pub fn cache_dir() -> PathBuf {
 pub fn ensure_demo_model() -> anyhow::Result<PathBuf> {
     let dir = cache_dir().join("demo-model-v1");
     if !dir.join("model.safetensors").exists() {
-        eprintln!("writing the built-in demo model to {} (first run only)", dir.display());
+        eprintln!(
+            "writing the built-in demo model to {} (first run only)",
+            dir.display()
+        );
         write_demo_model(&dir)?;
     }
     Ok(dir)
@@ -63,7 +66,8 @@ fn write_demo_model(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn load_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
-    Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))
+    Tokenizer::from_dir(dir)
+        .with_context(|| format!("loading the tokenizer from {}", dir.display()))
 }
 
 /// `--model DIR`, `--preset NAME` (dummy weights, demo tokenizer) or the demo model.
@@ -79,7 +83,10 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
     };
     if let Some(dir) = &args.model {
         if !dir.join("config.json").exists() {
-            bail!("--model {}: no config.json in that directory", dir.display());
+            bail!(
+                "--model {}: no config.json in that directory",
+                dir.display()
+            );
         }
         let tokenizer = load_tokenizer(dir)?;
         let served_name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -106,7 +113,10 @@ pub fn resolve(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
                 seed: 0,
             },
             tokenizer,
-            served_name: args.served_model_name.clone().unwrap_or_else(|| preset.clone()),
+            served_name: args
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| preset.clone()),
             progress,
         });
     }

@@ -13,11 +13,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use allam_membership::{EtcdConfig, MembershipWatcher, Registration, RegistrationConfig, WorkerGroupInfo};
+use allam_membership::{
+    EtcdConfig, MembershipWatcher, Registration, RegistrationConfig, WorkerGroupInfo,
+};
 use allam_request::Limits;
 use allam_router::{Membership, Router, RouterConfig};
-use allam_worker::group::{TpConfig, TpLaunch};
 use allam_telemetry::{LogFormat, TracingConfig, TracingGuard};
+use allam_worker::group::{TpConfig, TpLaunch};
 
 use crate::cli::{self, FrontArgs, RouterArgs, ServeArgs, TelemetryArgs, WorkerArgs};
 use crate::model_source;
@@ -53,14 +55,15 @@ pub async fn termination_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot listen for SIGTERM; Ctrl-C only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -111,7 +114,8 @@ pub async fn start_fronts(
 ) -> anyhow::Result<Fronts> {
     // Idempotent; the caller installed it before building the router so that no early
     // gauge is lost.
-    let metrics = allam_telemetry::install_prometheus().context("installing the metrics recorder")?;
+    let metrics =
+        allam_telemetry::install_prometheus().context("installing the metrics recorder")?;
     let grpc_listener = bind(grpc_addr, "gRPC").await?;
     let http_listener = bind(http_addr, "HTTP").await?;
     let grpc_addr = grpc_listener.local_addr()?;
@@ -170,14 +174,19 @@ fn now_ms() -> u64 {
 }
 
 /// Waits for `tasks` up to `timeout`; false when the deadline cut them off.
-async fn join_within(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>, timeout: Duration) -> bool {
+async fn join_within(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    timeout: Duration,
+) -> bool {
     let all = futures::future::join_all(tasks);
     match tokio::time::timeout(timeout, all).await {
         Ok(results) => {
             for result in results {
                 match result {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => tracing::error!(error = format!("{err:#}"), "server ended with an error"),
+                    Ok(Err(err)) => {
+                        tracing::error!(error = format!("{err:#}"), "server ended with an error")
+                    }
                     Err(err) => tracing::error!(error = %err, "server task panicked"),
                 }
             }
@@ -226,9 +235,15 @@ impl LocalCluster {
             let tokenizer = tokenizer.clone();
             let shutdown = shutdown.clone();
             async move {
-                allam_worker::serve_worker(engine, tokenizer, Limits::for_context(max_context), worker_listener, shutdown)
-                    .await
-                    .context("worker gRPC server")
+                allam_worker::serve_worker(
+                    engine,
+                    tokenizer,
+                    Limits::for_context(max_context),
+                    worker_listener,
+                    shutdown,
+                )
+                .await
+                .context("worker gRPC server")
             }
         });
         let membership = Membership::Static(vec![WorkerGroupInfo {
@@ -238,9 +253,25 @@ impl LocalCluster {
             model: resolved.served_name.clone(),
             started_at_ms: now_ms(),
         }]);
-        let config = router_config(resolved.served_name.clone(), tokenizer.clone(), max_context, front)?;
-        let router = Router::new(config, membership).await.context("starting the router")?;
-        let mut fronts = start_fronts(router, tokenizer, front, log_prompts, grpc_addr, http_addr, &shutdown).await?;
+        let config = router_config(
+            resolved.served_name.clone(),
+            tokenizer.clone(),
+            max_context,
+            front,
+        )?;
+        let router = Router::new(config, membership)
+            .await
+            .context("starting the router")?;
+        let mut fronts = start_fronts(
+            router,
+            tokenizer,
+            front,
+            log_prompts,
+            grpc_addr,
+            http_addr,
+            &shutdown,
+        )
+        .await?;
         fronts.tasks.push(worker_task);
         Ok(LocalCluster {
             grpc_addr: fronts.grpc_addr,
@@ -272,7 +303,10 @@ async fn serve_metrics(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || std::future::ready(handle.render())))
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(handle.render())),
+        )
         .route("/health", axum::routing::get(|| std::future::ready("ok")));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -308,7 +342,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
         termination_signal().await;
         tracing::info!("shutting down");
-        let drained = cluster.stop(Duration::from_secs(args.shutdown_timeout)).await;
+        let drained = cluster
+            .stop(Duration::from_secs(args.shutdown_timeout))
+            .await;
         Ok(exit_code(drained))
     })
 }
@@ -355,7 +391,10 @@ pub fn router(args: RouterArgs) -> anyhow::Result<ExitCode> {
             &shutdown,
         )
         .await?;
-        eprintln!("allam router: gRPC on {}, HTTP on {}", fronts.grpc_addr, fronts.http_addr);
+        eprintln!(
+            "allam router: gRPC on {}, HTTP on {}",
+            fronts.grpc_addr, fronts.http_addr
+        );
         termination_signal().await;
         shutdown.cancel();
         let drained = join_within(fronts.tasks, Duration::from_secs(args.shutdown_timeout)).await;
@@ -388,7 +427,10 @@ fn follower_rank(args: &WorkerArgs, world_size: usize) -> anyhow::Result<ExitCod
 pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let world_size = args.world_size.unwrap_or(1);
     if args.rank >= world_size.max(1) && args.world_size.is_some() {
-        anyhow::bail!("--rank {} must be below --world-size {world_size}", args.rank);
+        anyhow::bail!(
+            "--rank {} must be below --world-size {world_size}",
+            args.rank
+        );
     }
     if args.rank > 0 {
         if args.world_size.is_none() {

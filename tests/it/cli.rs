@@ -60,14 +60,20 @@ fn generate_json_matches_the_tea_golden() {
     assert_eq!(logprobs.len(), 24);
     for (step, (got, want)) in logprobs
         .iter()
-        .zip(golden["greedy"]["logprobs"].as_array().expect("golden logprobs"))
+        .zip(
+            golden["greedy"]["logprobs"]
+                .as_array()
+                .expect("golden logprobs"),
+        )
         .enumerate()
     {
         let diff = (got["logprob"].as_f64().expect("f64") - want.as_f64().expect("f64")).abs();
         assert!(diff <= 1e-3, "step {step}: logprob off by {diff}");
         assert_eq!(got["top"].as_array().map(Vec::len), Some(2));
     }
-    let prompt_logprobs = result["prompt_logprobs"].as_array().expect("prompt logprobs");
+    let prompt_logprobs = result["prompt_logprobs"]
+        .as_array()
+        .expect("prompt logprobs");
     assert!(prompt_logprobs[0].is_null());
     for (t, (got, want)) in prompt_logprobs
         .iter()
@@ -135,7 +141,15 @@ fn bad_model_directory_is_a_clear_error() {
 fn cuda_without_a_gpu_fails_with_one_sentence() {
     let model = fixtures_dir().join("tiny-allam");
     let output = Command::new(allam_bin())
-        .args(["generate", "--model", model.to_str().expect("utf-8"), "--device", "cuda", "--user", "hi"])
+        .args([
+            "generate",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--device",
+            "cuda",
+            "--user",
+            "hi",
+        ])
         .output()
         .expect("run allam");
     if output.status.success() {
@@ -152,11 +166,22 @@ fn synth_model_writes_a_loadable_checkpoint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("tiny");
     let status = Command::new(allam_bin())
-        .args(["synth-model", "--preset", "tiny", "--out", out.to_str().expect("utf-8")])
+        .args([
+            "synth-model",
+            "--preset",
+            "tiny",
+            "--out",
+            out.to_str().expect("utf-8"),
+        ])
         .status()
         .expect("run synth-model");
     assert!(status.success());
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
     let result = generate(&[
@@ -172,7 +197,7 @@ fn synth_model_writes_a_loadable_checkpoint() {
     let n = result[0]["token_ids"].as_array().map_or(0, Vec::len);
     let finish = &result[0]["finish_reason"];
     assert!(
-        (n == 5 && finish == "length") || (n >= 1 && n < 5 && finish == "stop"),
+        (n == 5 && finish == "length") || ((1..5).contains(&n) && finish == "stop"),
         "{n} tokens, finish {finish}"
     );
 }

@@ -27,7 +27,10 @@ fn run_check(script: &str, args: &[&str]) {
         .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("passed, 0 failed"), "{stdout}");
 }
 

@@ -20,7 +20,10 @@ fn card_request(question: &str, do_sample: bool) -> serde_json::Value {
 }
 
 fn tiny_model() -> String {
-    fixtures_dir().join("tiny-allam").to_string_lossy().into_owned()
+    fixtures_dir()
+        .join("tiny-allam")
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -37,7 +40,11 @@ fn serve_answers_the_model_card_samples_in_both_languages() {
         assert_eq!(response.status().as_u16(), 200, "{}", response.body);
         let body = response.json();
         assert!(body["output"].is_string(), "{body}");
-        assert_eq!(body.as_object().map(|o| o.len()), Some(1), "only `output`: {body}");
+        assert_eq!(
+            body.as_object().map(|o| o.len()),
+            Some(1),
+            "only `output`: {body}"
+        );
     }
     // Greedy /score is the same text as a greedy chat completion for the same messages.
     let messages = json!([{"role": "user", "content": "How do I prepare a cup of tea?"}]);
@@ -60,7 +67,10 @@ fn serve_answers_the_model_card_samples_in_both_languages() {
     );
     // The golden greedy text of this prompt, computed by transformers.
     let golden = crate::support::goldens("tiny-allam");
-    assert_eq!(chat["choices"][0]["message"]["content"], golden["cases"][0]["greedy"]["text"]);
+    assert_eq!(
+        chat["choices"][0]["message"]["content"],
+        golden["cases"][0]["greedy"]["text"]
+    );
 }
 
 /// A worker process of the etcd cluster, with its own metrics port.
@@ -76,8 +86,21 @@ fn start_worker(group: &str, etcd: &str, dir: &std::path::Path) -> Worker {
     let proc = Proc::spawn(
         group,
         &[
-            "worker", "--etcd", etcd, "--group", group, "--listen", &listen, "--model", &model,
-            "--lease-ttl", "2", "--metrics-addr", &metrics, "--shutdown-timeout", "20",
+            "worker",
+            "--etcd",
+            etcd,
+            "--group",
+            group,
+            "--listen",
+            &listen,
+            "--model",
+            &model,
+            "--lease-ttl",
+            "2",
+            "--metrics-addr",
+            &metrics,
+            "--shutdown-timeout",
+            "20",
         ],
         &[],
         dir,
@@ -105,7 +128,14 @@ fn metric_sum(metrics_url: &str, name: &str) -> f64 {
 fn registered_groups(etcd: &str) -> Vec<String> {
     let output = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", etcd, "get", "--prefix", "--keys-only", "/allam/v1/workers/"])
+        .args([
+            "--endpoints",
+            etcd,
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/allam/v1/workers/",
+        ])
         .output()
         .expect("etcdctl (Debian etcd-client) must be installed");
     String::from_utf8_lossy(&output.stdout)
@@ -157,14 +187,26 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
     let model = tiny_model();
     let router = Proc::spawn(
         "router",
-        &["router", "--etcd", &endpoint, "--http-addr", &http, "--grpc-addr", &grpc, "--model", &model],
+        &[
+            "router",
+            "--etcd",
+            &endpoint,
+            "--http-addr",
+            &http,
+            "--grpc-addr",
+            &grpc,
+            "--model",
+            &model,
+        ],
         &[],
         dir.path(),
     );
     let http = format!("http://{http}");
-    wait_until("both groups registered in etcd", Duration::from_secs(90), || {
-        registered_groups(&endpoint).len() == 2
-    });
+    wait_until(
+        "both groups registered in etcd",
+        Duration::from_secs(90),
+        || registered_groups(&endpoint).len() == 2,
+    );
     wait_until("router ready", Duration::from_secs(30), || {
         http_get_status(&format!("{http}/ready")) == Some(200)
     });
@@ -172,7 +214,12 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
     std::thread::sleep(Duration::from_millis(500));
 
     let (ok, errors) = concurrent_chats(&http, 40, 8);
-    assert_eq!(ok, 40, "errors: {errors:?}\nrouter log:\n{}", router.log_text());
+    assert_eq!(
+        ok,
+        40,
+        "errors: {errors:?}\nrouter log:\n{}",
+        router.log_text()
+    );
     let served_w0 = metric_sum(&w0.metrics, "allam_generated_tokens_total");
     let served_w1 = metric_sum(&w1.metrics, "allam_generated_tokens_total");
     assert!(
@@ -193,7 +240,9 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
     // SIGTERM on the last group while requests run: it leaves etcd first, every running
     // request still completes, then the process exits cleanly.
     let w2 = start_worker("w2", &endpoint, dir.path());
-    wait_until("w2 registered", Duration::from_secs(60), || registered_groups(&endpoint).len() == 2);
+    wait_until("w2 registered", Duration::from_secs(60), || {
+        registered_groups(&endpoint).len() == 2
+    });
     std::thread::sleep(Duration::from_millis(500));
     let load = {
         let http = http.clone();
@@ -206,8 +255,15 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
     });
     let (ok, errors) = load.join().expect("load thread");
     assert_eq!(ok, 12, "requests lost during SIGTERM drain: {errors:?}");
-    let status = w1.proc.wait_exit(Duration::from_secs(30)).expect("w1 exits after draining");
-    assert!(status.success(), "w1 exit {status}:\n{}", w1.proc.log_text());
+    let status = w1
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .expect("w1 exits after draining");
+    assert!(
+        status.success(),
+        "w1 exit {status}:\n{}",
+        w1.proc.log_text()
+    );
     drop(w2);
 }
 
@@ -217,7 +273,15 @@ fn chat_client_streams_a_two_turn_conversation() {
     let model = tiny_model();
     let serve = Serve::start(&["--model", &model], &[]);
     let mut child = std::process::Command::new(crate::support::allam_bin())
-        .args(["chat", "--endpoint", &serve.grpc, "--temperature", "0", "--max-new-tokens", "24"])
+        .args([
+            "chat",
+            "--endpoint",
+            &serve.grpc,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -229,12 +293,21 @@ fn chat_client_streams_a_two_turn_conversation() {
         .expect("stdin")
         .write_all("How do I prepare a cup of tea?\nAnd with milk?\n".as_bytes())
         .expect("write turns");
-    let output = child.wait_with_output().expect("chat exits at end of input");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = child
+        .wait_with_output()
+        .expect("chat exits at end of input");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8(output.stdout).expect("utf-8");
     let answers: Vec<&str> = stdout.lines().collect();
     assert_eq!(answers.len(), 2, "one line per turn: {stdout:?}");
     let golden = crate::support::goldens("tiny-allam");
-    assert_eq!(answers[0], golden["cases"][0]["greedy"]["text"].as_str().expect("text"));
+    assert_eq!(
+        answers[0],
+        golden["cases"][0]["greedy"]["text"].as_str().expect("text")
+    );
     assert!(!answers[1].is_empty());
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc};
+use crate::support::{
+    fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc,
+};
 
 /// How long etcd stays down while clients keep sending.
 const OUTAGE: Duration = Duration::from_secs(30);
@@ -23,12 +25,26 @@ struct Worker {
 fn start_worker(group: &str, etcd: &str, dir: &std::path::Path) -> Worker {
     let listen = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
-    let model = fixtures_dir().join("tiny-allam").to_string_lossy().into_owned();
+    let model = fixtures_dir()
+        .join("tiny-allam")
+        .to_string_lossy()
+        .into_owned();
     let proc = Proc::spawn(
         group,
         &[
-            "worker", "--etcd", etcd, "--group", group, "--listen", &listen, "--model", &model,
-            "--lease-ttl", "2", "--metrics-addr", &metrics,
+            "worker",
+            "--etcd",
+            etcd,
+            "--group",
+            group,
+            "--listen",
+            &listen,
+            "--model",
+            &model,
+            "--lease-ttl",
+            "2",
+            "--metrics-addr",
+            &metrics,
         ],
         &[],
         dir,
@@ -64,11 +80,14 @@ fn etcdctl(etcd: &str, args: &[&str]) -> String {
 }
 
 fn registered_groups(etcd: &str) -> Vec<String> {
-    etcdctl(etcd, &["get", "--prefix", "--keys-only", "/allam/v1/workers/"])
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| l.trim_start_matches("/allam/v1/workers/").to_owned())
-        .collect()
+    etcdctl(
+        etcd,
+        &["get", "--prefix", "--keys-only", "/allam/v1/workers/"],
+    )
+    .lines()
+    .filter(|l| !l.is_empty())
+    .map(|l| l.trim_start_matches("/allam/v1/workers/").to_owned())
+    .collect()
 }
 
 /// The lease a group's key is attached to (`None`: no key, or etcd unreachable).
@@ -85,7 +104,11 @@ fn chat(client: &http_client::Blocking, http: &str, i: usize) -> Result<(), Stri
         "messages": [{"role": "user", "content": format!("Request {i}: how do I brew tea?")}],
         "max_tokens": 8, "temperature": 0.7, "seed": i,
     });
-    match client.post(&format!("{http}/v1/chat/completions")).json(&body).send() {
+    match client
+        .post(&format!("{http}/v1/chat/completions"))
+        .json(&body)
+        .send()
+    {
         Ok(r) if r.status == 200 => Ok(()),
         Ok(r) => Err(format!("request {i}: {}: {}", r.status, r.body)),
         Err(e) => Err(format!("request {i}: {e}")),
@@ -97,7 +120,9 @@ fn chat_round(http: &str, round: usize) -> Vec<String> {
     let handles: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let http = http.to_owned();
-            std::thread::spawn(move || chat(&http_client::blocking_client(), &http, round * CLIENTS + c))
+            std::thread::spawn(move || {
+                chat(&http_client::blocking_client(), &http, round * CLIENTS + c)
+            })
         })
         .collect();
     handles
@@ -136,23 +161,46 @@ fn router_keeps_serving_through_an_etcd_outage_and_groups_reregister() {
     let mut w1 = start_worker("w1", &endpoint, dir.path());
     let http = format!("127.0.0.1:{}", free_port());
     let grpc = format!("127.0.0.1:{}", free_port());
-    let model = fixtures_dir().join("tiny-allam").to_string_lossy().into_owned();
+    let model = fixtures_dir()
+        .join("tiny-allam")
+        .to_string_lossy()
+        .into_owned();
     let router = Proc::spawn(
         "router",
-        &["router", "--etcd", &endpoint, "--http-addr", &http, "--grpc-addr", &grpc, "--model", &model],
+        &[
+            "router",
+            "--etcd",
+            &endpoint,
+            "--http-addr",
+            &http,
+            "--grpc-addr",
+            &grpc,
+            "--model",
+            &model,
+        ],
         &[],
         dir.path(),
     );
     let http = format!("http://{http}");
-    wait_until("both groups registered in etcd", Duration::from_secs(90), || {
-        registered_groups(&endpoint).len() == 2
-    });
+    wait_until(
+        "both groups registered in etcd",
+        Duration::from_secs(90),
+        || registered_groups(&endpoint).len() == 2,
+    );
     wait_until("router ready", Duration::from_secs(60), || {
         http_get_status(&format!("{http}/ready")) == Some(200)
     });
-    until_both_serve(&http, &[&w0, &w1], Duration::from_secs(60), "before the outage");
+    until_both_serve(
+        &http,
+        &[&w0, &w1],
+        Duration::from_secs(60),
+        "before the outage",
+    );
     let leases_before = ["w0", "w1"].map(|g| group_lease(&endpoint, g));
-    assert!(leases_before.iter().all(Option::is_some), "leases before: {leases_before:?}");
+    assert!(
+        leases_before.iter().all(Option::is_some),
+        "leases before: {leases_before:?}"
+    );
 
     // etcd down (SIGKILL) for OUTAGE while CLIENTS threads send chats back to back.
     let tokens_before = [&w0, &w1].map(generated_tokens);
@@ -190,7 +238,10 @@ fn router_keeps_serving_through_an_etcd_outage_and_groups_reregister() {
         "chats failed while etcd was down ({sent} sent): {errors:?}\nrouter log:\n{}",
         router.log_text()
     );
-    assert!(sent >= CLIENTS * 5, "only {sent} chats in {OUTAGE:?}: the load did not run");
+    assert!(
+        sent >= CLIENTS * 5,
+        "only {sent} chats in {OUTAGE:?}: the load did not run"
+    );
     let tokens_after = [&w0, &w1].map(generated_tokens);
     assert!(
         tokens_after[0] > tokens_before[0] && tokens_after[1] > tokens_before[1],
@@ -201,14 +252,25 @@ fn router_keeps_serving_through_an_etcd_outage_and_groups_reregister() {
     // etcd back on the same data dir: both groups write their keys again under new leases
     // (the old ones lapsed while etcd was unreachable).
     etcd.restart().expect("etcd restarts on its data dir");
-    wait_until("both groups registered again under new leases", Duration::from_secs(60), || {
-        let leases = ["w0", "w1"].map(|g| group_lease(&endpoint, g));
-        leases.iter().all(Option::is_some) && leases[0] != leases_before[0] && leases[1] != leases_before[1]
-    });
+    wait_until(
+        "both groups registered again under new leases",
+        Duration::from_secs(60),
+        || {
+            let leases = ["w0", "w1"].map(|g| group_lease(&endpoint, g));
+            leases.iter().all(Option::is_some)
+                && leases[0] != leases_before[0]
+                && leases[1] != leases_before[1]
+        },
+    );
     let mut groups = registered_groups(&endpoint);
     groups.sort();
     assert_eq!(groups, ["w0", "w1"]);
-    until_both_serve(&http, &[&w0, &w1], Duration::from_secs(60), "after etcd restarted");
+    until_both_serve(
+        &http,
+        &[&w0, &w1],
+        Duration::from_secs(60),
+        "after etcd restarted",
+    );
     for round in 0..5 {
         let errors = chat_round(&http, round);
         assert!(errors.is_empty(), "after etcd restarted: {errors:?}");

@@ -15,7 +15,13 @@ struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = Command::new(repo_root().join("scripts/local-cluster.sh"))
-            .args(["stop", "--dir", self.dir.to_str().unwrap_or_default(), "--stop-timeout", "10"])
+            .args([
+                "stop",
+                "--dir",
+                self.dir.to_str().unwrap_or_default(),
+                "--stop-timeout",
+                "10",
+            ])
             .status();
     }
 }

@@ -1,11 +1,11 @@
 //! Integration tests: the real `allam` binary, real etcd, real clients, on loopback.
 
-mod support;
-mod tidy;
 mod cli;
-mod cluster;
 mod clients;
-mod otlp;
+mod cluster;
 mod etcd_outage;
 mod local_cluster;
+mod otlp;
+mod support;
+mod tidy;
 mod tp;

@@ -18,7 +18,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use serde_json::json;
 
-use crate::support::{fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc};
+use crate::support::{
+    fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc,
+};
 
 /// One received span, flattened with its resource's `service.name`.
 #[derive(Debug, Clone)]
@@ -51,7 +53,11 @@ struct Collector {
 impl Collector {
     fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
         let spans = self.spans.lock().unwrap_or_else(|p| p.into_inner());
-        spans.iter().filter(|s| s.trace_id == trace_id).cloned().collect()
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
     }
 }
 
@@ -135,7 +141,10 @@ fn start_receiver() -> Receiver {
         .expect("receiver runtime");
     let collector = Collector::default();
     let listener = rt
-        .block_on(tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .block_on(tokio::net::TcpListener::bind(SocketAddr::from((
+            [127, 0, 0, 1],
+            0,
+        ))))
         .expect("bind the OTLP receiver");
     let addr = listener.local_addr().expect("receiver address");
     let service = TraceServiceServer::new(collector.clone());
@@ -166,7 +175,14 @@ fn tokio_stream_incoming(
 fn registered_groups(etcd: &str) -> Vec<String> {
     let output = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", etcd, "get", "--prefix", "--keys-only", "/allam/v1/workers/"])
+        .args([
+            "--endpoints",
+            etcd,
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/allam/v1/workers/",
+        ])
         .output()
         .expect("etcdctl (Debian etcd-client) must be installed");
     String::from_utf8_lossy(&output.stdout)
@@ -187,7 +203,12 @@ fn new_trace_id() -> String {
 
 /// The spans every hop must contribute, by service.
 const ROUTER_SPANS: [&str; 2] = ["http_request", "router.generate"];
-const WORKER_SPANS: [&str; 4] = ["worker.generate", "engine.queue", "engine.prefill", "engine.decode"];
+const WORKER_SPANS: [&str; 4] = [
+    "worker.generate",
+    "engine.queue",
+    "engine.prefill",
+    "engine.decode",
+];
 
 fn names(spans: &[ReceivedSpan], service: &str) -> BTreeSet<String> {
     spans
@@ -200,7 +221,8 @@ fn names(spans: &[ReceivedSpan], service: &str) -> BTreeSet<String> {
 fn complete(spans: &[ReceivedSpan]) -> bool {
     let router = names(spans, "allam-router");
     let worker = names(spans, "allam-worker");
-    ROUTER_SPANS.iter().all(|n| router.contains(*n)) && WORKER_SPANS.iter().all(|n| worker.contains(*n))
+    ROUTER_SPANS.iter().all(|n| router.contains(*n))
+        && WORKER_SPANS.iter().all(|n| worker.contains(*n))
 }
 
 fn one<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> &'a ReceivedSpan {
@@ -208,7 +230,11 @@ fn one<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> &'a Received
         .iter()
         .filter(|s| s.service == service && s.name == name)
         .collect();
-    assert_eq!(found.len(), 1, "exactly one {service}/{name} span in the trace: {spans:#?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one {service}/{name} span in the trace: {spans:#?}"
+    );
     found[0]
 }
 
@@ -218,7 +244,10 @@ fn one_trace_id_spans_router_and_worker() {
     let dir = tempfile::tempdir().expect("temp dir");
     let etcd = EtcdServer::start().expect("etcd (Debian etcd-server) must be installed");
     let endpoint = etcd.endpoint();
-    let model = fixtures_dir().join("tiny-allam").to_string_lossy().into_owned();
+    let model = fixtures_dir()
+        .join("tiny-allam")
+        .to_string_lossy()
+        .into_owned();
     // The batch exporters flush every 5 s by default; a short delay only makes the test
     // quicker, the deadline below still does the synchronizing.
     let envs = [("OTEL_BSP_SCHEDULE_DELAY", "200")];
@@ -226,8 +255,19 @@ fn one_trace_id_spans_router_and_worker() {
     let worker = Proc::spawn(
         "worker",
         &[
-            "worker", "--etcd", &endpoint, "--group", "w0", "--listen", &listen, "--model", &model,
-            "--lease-ttl", "2", "--otlp-endpoint", &receiver.endpoint,
+            "worker",
+            "--etcd",
+            &endpoint,
+            "--group",
+            "w0",
+            "--listen",
+            &listen,
+            "--model",
+            &model,
+            "--lease-ttl",
+            "2",
+            "--otlp-endpoint",
+            &receiver.endpoint,
         ],
         &envs,
         dir.path(),
@@ -237,16 +277,27 @@ fn one_trace_id_spans_router_and_worker() {
     let router = Proc::spawn(
         "router",
         &[
-            "router", "--etcd", &endpoint, "--http-addr", &http, "--grpc-addr", &grpc, "--model",
-            &model, "--otlp-endpoint", &receiver.endpoint,
+            "router",
+            "--etcd",
+            &endpoint,
+            "--http-addr",
+            &http,
+            "--grpc-addr",
+            &grpc,
+            "--model",
+            &model,
+            "--otlp-endpoint",
+            &receiver.endpoint,
         ],
         &envs,
         dir.path(),
     );
     let http = format!("http://{http}");
-    wait_until("the worker group registered in etcd", Duration::from_secs(90), || {
-        registered_groups(&endpoint) == vec!["w0".to_owned()]
-    });
+    wait_until(
+        "the worker group registered in etcd",
+        Duration::from_secs(90),
+        || registered_groups(&endpoint) == vec!["w0".to_owned()],
+    );
     // Ready means a group is known and healthy: the router can route to the worker.
     wait_until("router ready", Duration::from_secs(60), || {
         http_get_status(&format!("{http}/ready")) == Some(200)
@@ -265,7 +316,13 @@ fn one_trace_id_spans_router_and_worker() {
         }))
         .send()
         .expect("chat request");
-    assert_eq!(response.status, 200, "{}\nrouter log:\n{}", response.body, router.log_text());
+    assert_eq!(
+        response.status,
+        200,
+        "{}\nrouter log:\n{}",
+        response.body,
+        router.log_text()
+    );
     let body = response.json();
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -290,26 +347,46 @@ fn one_trace_id_spans_router_and_worker() {
     let http_span = one(&spans, "allam-router", "http_request");
     let route = one(&spans, "allam-router", "router.generate");
     let worker_span = one(&spans, "allam-worker", "worker.generate");
-    assert_eq!(http_span.parent_span_id, client_span_id, "the client's span is the root's parent");
-    assert_eq!(route.parent_span_id, http_span.span_id, "route runs inside the HTTP request");
-    assert_eq!(worker_span.parent_span_id, route.span_id, "traceparent crossed the gRPC hop");
+    assert_eq!(
+        http_span.parent_span_id, client_span_id,
+        "the client's span is the root's parent"
+    );
+    assert_eq!(
+        route.parent_span_id, http_span.span_id,
+        "route runs inside the HTTP request"
+    );
+    assert_eq!(
+        worker_span.parent_span_id, route.span_id,
+        "traceparent crossed the gRPC hop"
+    );
     let phases: Vec<&ReceivedSpan> = ["engine.queue", "engine.prefill", "engine.decode"]
         .iter()
         .map(|name| one(&spans, "allam-worker", name))
         .collect();
     for phase in &phases {
-        assert_eq!(phase.parent_span_id, worker_span.span_id, "{} under worker.generate", phase.name);
+        assert_eq!(
+            phase.parent_span_id, worker_span.span_id,
+            "{} under worker.generate",
+            phase.name
+        );
         assert!(phase.start_ns <= phase.end_ns, "{phase:?}");
     }
     // Phases follow each other (a phase starts before the previous one is closed, never
     // before it began).
     assert!(phases[0].start_ns <= phases[1].start_ns && phases[1].start_ns <= phases[2].start_ns);
-    assert!(worker_span.end_ns >= phases[2].end_ns, "worker.generate covers the decode: {spans:#?}");
+    assert!(
+        worker_span.end_ns >= phases[2].end_ns,
+        "worker.generate covers the decode: {spans:#?}"
+    );
 
     // The decode span records how the request finished, as the client saw it.
     let decode = phases[2];
     let completion_tokens = body["usage"]["completion_tokens"].to_string();
-    assert_eq!(decode.attribute("completion_tokens"), Some(completion_tokens.as_str()), "{decode:?}");
+    assert_eq!(
+        decode.attribute("completion_tokens"),
+        Some(completion_tokens.as_str()),
+        "{decode:?}"
+    );
     assert_eq!(
         decode.attribute("finish_reason"),
         body["choices"][0]["finish_reason"].as_str(),

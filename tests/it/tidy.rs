@@ -17,12 +17,29 @@ const ALLOWED_EDGES: &[(&str, &[&str])] = &[
     ("allam-backend", &["allam-types"]),
     ("allam-comm", &["allam-types"]),
     ("allam-kernels", &[]),
-    ("allam-backend-cpu", &["allam-types", "allam-backend", "allam-comm"]),
+    (
+        "allam-backend-cpu",
+        &["allam-types", "allam-backend", "allam-comm"],
+    ),
     (
         "allam-backend-cuda",
-        &["allam-types", "allam-backend", "allam-comm", "allam-kernels", "allam-backend-cpu"],
+        &[
+            "allam-types",
+            "allam-backend",
+            "allam-comm",
+            "allam-kernels",
+            "allam-backend-cpu",
+        ],
     ),
-    ("allam-model", &["allam-types", "allam-backend", "allam-comm", "allam-backend-cpu"]),
+    (
+        "allam-model",
+        &[
+            "allam-types",
+            "allam-backend",
+            "allam-comm",
+            "allam-backend-cpu",
+        ],
+    ),
     (
         "allam-engine",
         &[
@@ -78,7 +95,6 @@ const ALLOWED_EDGES: &[(&str, &[&str])] = &[
     ("allam-bench", &["allam-types", "allam-proto"]),
 ];
 
-
 fn crate_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("crates"))
         .expect("crates/ exists")
@@ -117,9 +133,15 @@ fn crate_graph_follows_architecture() {
     let mut problems = Vec::new();
     for dir in crate_dirs() {
         let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("readable manifest");
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         let Some(allowed_deps) = allowed.get(name.as_str()) else {
-            problems.push(format!("{name}: not in the crate map (tests/it/tidy.rs, ARCHITECTURE.md)"));
+            problems.push(format!(
+                "{name}: not in the crate map (tests/it/tidy.rs, ARCHITECTURE.md)"
+            ));
             continue;
         };
         // Only the shipped graph is checked: tests may reach lower crates (the HTTP tests
@@ -130,15 +152,24 @@ fn crate_graph_follows_architecture() {
             }
         }
     }
-    assert!(problems.is_empty(), "crate graph problems:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "crate graph problems:\n{}",
+        problems.join("\n")
+    );
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
-            if path.file_name().is_some_and(|n| n == "target" || n == "fuzz_target") {
+            if path
+                .file_name()
+                .is_some_and(|n| n == "target" || n == "fuzz_target")
+            {
                 continue;
             }
             rust_files(&path, out);
@@ -162,9 +193,18 @@ fn every_module_opens_with_a_doc_comment() {
             let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             !first.starts_with("//!")
         })
-        .map(|path| path.strip_prefix(&root).unwrap_or(path).display().to_string())
+        .map(|path| {
+            path.strip_prefix(&root)
+                .unwrap_or(path)
+                .display()
+                .to_string()
+        })
         .collect();
-    assert!(missing.is_empty(), "files without a `//!` header:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "files without a `//!` header:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
@@ -173,12 +213,17 @@ fn anyhow_only_in_the_root_package() {
         .into_iter()
         .filter(|dir| {
             let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap_or_default();
-            manifest.lines().any(|l| l.trim_start().starts_with("anyhow"))
+            manifest
+                .lines()
+                .any(|l| l.trim_start().starts_with("anyhow"))
                 && !manifest.contains("[dev-dependencies]\nanyhow")
         })
         .map(|dir| dir.display().to_string())
         .collect();
-    assert!(offenders.is_empty(), "library crates must use typed errors, not anyhow: {offenders:?}");
+    assert!(
+        offenders.is_empty(),
+        "library crates must use typed errors, not anyhow: {offenders:?}"
+    );
 }
 
 /// FNV-1a: enough to notice an edit; not a security hash.

@@ -47,7 +47,10 @@ fn generate_with_tp_reproduces_the_goldens() {
             String::from_utf8_lossy(&output.stderr)
         );
         let stdout = String::from_utf8(output.stdout).expect("utf-8");
-        for (line, case) in stdout.lines().zip(golden["cases"].as_array().expect("cases")) {
+        for (line, case) in stdout
+            .lines()
+            .zip(golden["cases"].as_array().expect("cases"))
+        {
             let result: serde_json::Value = serde_json::from_str(line).expect("json line");
             assert_eq!(
                 result["token_ids"], case["greedy"]["ids"],
@@ -62,7 +65,10 @@ fn generate_with_tp_reproduces_the_goldens() {
 #[test]
 fn serve_with_tp_answers_greedy_chat_like_transformers() {
     let model = fixtures_dir().join("tiny-allam");
-    let serve = Serve::start(&["--model", model.to_str().expect("utf-8"), "--tp", "2"], &[]);
+    let serve = Serve::start(
+        &["--model", model.to_str().expect("utf-8"), "--tp", "2"],
+        &[],
+    );
     let response = http_client::blocking_client()
         .post(&format!("{}/v1/chat/completions", serve.http))
         .json(&json!({

@@ -43,7 +43,8 @@ const NEW_TOKENS: i64 = 64;
 const SLACK_TOKENS: i64 = 64;
 const WARMUP_RUNS: usize = 3;
 const DEFAULT_RUNS: usize = 40;
-const PROMPT: &str = "How do I prepare a cup of tea? Explain each step, from boiling the water to serving.";
+const PROMPT: &str =
+    "How do I prepare a cup of tea? Explain each step, from boiling the water to serving.";
 const MAX_CONTEXT: u32 = 4096;
 
 fn fixtures_dir() -> PathBuf {
@@ -162,7 +163,9 @@ fn same_step_delays(direct: &Run, routed: &Run) -> Option<Vec<f64>> {
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            let d = direct.arrivals.get(usize::try_from(i as isize + offset).ok()?)?;
+            let d = direct
+                .arrivals
+                .get(usize::try_from(i as isize + offset).ok()?)?;
             Some(if r >= d {
                 (*r - *d).as_secs_f64() * 1e6
             } else {
@@ -173,8 +176,11 @@ fn same_step_delays(direct: &Run, routed: &Run) -> Option<Vec<f64>> {
     Some(delays)
 }
 
-/// Nearest-rank percentile of `values` (sorted in place).
+/// Nearest-rank percentile of `values` (sorted in place); NaN when empty.
 fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
     values.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
     values[rank.clamp(1, values.len()) - 1]
@@ -221,7 +227,9 @@ async fn bench(runs: usize) {
     )
     .expect("engine");
     let stop = CancellationToken::new();
-    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
+    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind worker");
     let worker_addr = worker_listener.local_addr().expect("worker addr");
     let worker_task = tokio::spawn(allam_worker::serve_worker(
         engine.clone(),
@@ -249,7 +257,9 @@ async fn bench(runs: usize) {
         .await
         .expect("router ready within 30 s")
         .expect("router alive");
-    let router_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind router");
+    let router_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind router");
     let router_addr = router_listener.local_addr().expect("router addr");
     let router_task = tokio::spawn(allam_router::serve_grpc(
         router,
@@ -266,8 +276,8 @@ async fn bench(runs: usize) {
             .await
             .expect("connect")
     };
-    let mut worker_client = WorkerClient::new(connect(worker_addr).await);
-    let mut router_client = GenerationClient::new(connect(router_addr).await);
+    let worker_client = WorkerClient::new(connect(worker_addr).await);
+    let router_client = GenerationClient::new(connect(router_addr).await);
 
     // The exact token ids the router sends for PROMPT (same validation, same tokenizer).
     let raw = RawRequest {
@@ -307,7 +317,12 @@ async fn bench(runs: usize) {
     let mut unmatched = 0usize;
     for _ in 0..runs {
         let (tell, streaming) = tokio::sync::oneshot::channel();
-        let long = tokio::spawn(direct(worker(), prompt.clone(), NEW_TOKENS + SLACK_TOKENS, Some(tell)));
+        let long = tokio::spawn(direct(
+            worker(),
+            prompt.clone(),
+            NEW_TOKENS + SLACK_TOKENS,
+            Some(tell),
+        ));
         streaming.await.expect("the direct request streams");
         let short = routed(router()).await;
         let long = long.await.expect("direct run task");
@@ -329,7 +344,11 @@ async fn bench(runs: usize) {
         .expect("engine shutdown");
 
     for run in direct_runs.iter().chain(&routed_runs) {
-        assert_eq!(run.arrivals.len(), NEW_TOKENS as usize, "every run streams all tokens");
+        assert_eq!(
+            run.arrivals.len(),
+            NEW_TOKENS as usize,
+            "every run streams all tokens"
+        );
     }
     let mut direct_itl: Vec<f64> = direct_runs.iter().flat_map(Run::itl_us).collect();
     let mut routed_itl: Vec<f64> = routed_runs.iter().flat_map(Run::itl_us).collect();
@@ -348,12 +367,24 @@ async fn bench(runs: usize) {
         let mut v: Vec<f64> = runs.iter().map(|r| r.ttft().as_secs_f64() * 1e3).collect();
         percentile(&mut v, 50.0)
     };
-    let (direct_p50, direct_p90) = (percentile(&mut direct_itl, 50.0), percentile(&mut direct_itl, 90.0));
-    let (routed_p50, routed_p90) = (percentile(&mut routed_itl, 50.0), percentile(&mut routed_itl, 90.0));
+    let (direct_p50, direct_p90) = (
+        percentile(&mut direct_itl, 50.0),
+        percentile(&mut direct_itl, 90.0),
+    );
+    let (routed_p50, routed_p90) = (
+        percentile(&mut routed_itl, 50.0),
+        percentile(&mut routed_itl, 90.0),
+    );
     let (delta_p50, delta_p90) = (percentile(&mut delta, 50.0), percentile(&mut delta, 90.0));
     let ratio = routed_p50 / direct_p50;
-    let (step_p50, step_p90) = (percentile(&mut step_us, 50.0), percentile(&mut step_us, 90.0));
-    let (added_p50, added_p90) = (percentile(&mut same_step, 50.0), percentile(&mut same_step, 90.0));
+    let (step_p50, step_p90) = (
+        percentile(&mut step_us, 50.0),
+        percentile(&mut step_us, 90.0),
+    );
+    let (added_p50, added_p90) = (
+        percentile(&mut same_step, 50.0),
+        percentile(&mut same_step, 90.0),
+    );
     let goal = if added_p50 <= 50.0 { "met" } else { "missed" };
 
     println!("Sequential runs (one request at a time):\n");

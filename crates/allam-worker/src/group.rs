@@ -224,7 +224,8 @@ fn start_tp_group(config: &GroupConfig, tokenizer: Tokenizer) -> Result<StartedG
         TpLaunch::External { .. } => None,
     };
     let leader = rendezvous.accept().map_err(tp::TpError::from)?;
-    let mut backend = CpuBackend::with_communicator(&cpu_config(&config.engine), leader.communicator)?;
+    let mut backend =
+        CpuBackend::with_communicator(&cpu_config(&config.engine), leader.communicator)?;
     let model = load_model(config, &mut backend)?;
     check_vocab(&model, &tokenizer)?;
     let model_config = model.config().clone();
@@ -249,11 +250,7 @@ fn start_tp_group(config: &GroupConfig, tokenizer: Tokenizer) -> Result<StartedG
 
 /// Runs rank `rank >= 1` of a group until rank 0 shuts it down: joins at `peers`, loads
 /// this rank's slices, then executes every step rank 0 broadcasts.
-pub fn run_follower_rank(
-    config: &GroupConfig,
-    peers: &str,
-    rank: usize,
-) -> Result<(), Error> {
+pub fn run_follower_rank(config: &GroupConfig, peers: &str, rank: usize) -> Result<(), Error> {
     let tp_config = &config.tp;
     let group = allam_comm::join(
         peers,
@@ -264,7 +261,8 @@ pub fn run_follower_rank(
     )
     .map_err(tp::TpError::from)?;
     let mut control = group.control;
-    let mut backend = CpuBackend::with_communicator(&cpu_config(&config.engine), group.communicator)?;
+    let mut backend =
+        CpuBackend::with_communicator(&cpu_config(&config.engine), group.communicator)?;
     let model = match load_model(config, &mut backend) {
         Ok(model) => model,
         Err(err) => {

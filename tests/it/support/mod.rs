@@ -254,7 +254,11 @@ impl Serve {
             if let Some(status) = proc.wait_exit(Duration::from_millis(200)) {
                 panic!("allam serve exited early ({status}):\n{}", proc.log_text());
             }
-            assert!(Instant::now() < deadline, "allam serve not ready:\n{}", proc.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "allam serve not ready:\n{}",
+                proc.log_text()
+            );
         }
         Serve {
             proc,

@@ -2,8 +2,6 @@
 //! streams, and `FakeKvModel`, a stand-in model that keeps token ids in a paged "KV cache"
 //! so that any block-table or slot mistake changes its output.
 
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
