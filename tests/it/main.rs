@@ -9,3 +9,5 @@ mod otlp;
 mod support;
 mod tidy;
 mod tp;
+mod bad_input;
+mod soak;

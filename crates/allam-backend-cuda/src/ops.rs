@@ -169,6 +169,10 @@ impl Backend for CudaBackend {
         ))
     }
 
+    fn alloc_logits(&mut self, shape: &[usize]) -> Result<Tensor, OpError> {
+        self.alloc_f32(shape)
+    }
+
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor, OpError> {
         const OP: &str = "alloc";
         self.bind(OP)?;

@@ -91,6 +91,13 @@ pub trait Backend: Send {
     /// Allocates an activation tensor of the activation dtype; contents unspecified.
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor, Error>;
 
+    /// Allocates the `lm_head` output. Logits reach ±50 on ALLaM-like models, where bf16's
+    /// step is 0.25: a bf16 backend must keep them in f32 ([`Backend::linear`] writes f32
+    /// when given an f32 output) or the logprobs and greedy margins lose their precision.
+    fn alloc_logits(&mut self, shape: &[usize]) -> Result<Tensor, Error> {
+        self.alloc(shape)
+    }
+
     /// Uploads host f32 data as an activation tensor (tests, debugging).
     fn upload_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Tensor, Error>;
 

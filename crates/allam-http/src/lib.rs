@@ -50,6 +50,20 @@ pub fn app(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
+/// Parses a `/v1/chat/completions` body exactly as the handler does (JSON with the failing
+/// field's path, then the wire-shape mapping), without validation. Public for the fuzz targets.
+pub fn parse_chat_request(body: &[u8]) -> Result<allam_request::RawRequest, Error> {
+    let request: openai::request::ChatCompletionRequest = extract::parse_json(body)?;
+    request.into_raw().map(|(raw, _options)| raw)
+}
+
+/// Parses a `/v1/completions` body exactly as the handler does, without validation. Public for
+/// the fuzz targets.
+pub fn parse_completion_request(body: &[u8]) -> Result<allam_request::RawRequest, Error> {
+    let request: openai::request::CompletionRequest = extract::parse_json(body)?;
+    request.into_raw().map(|(raw, _options)| raw)
+}
+
 async fn not_found(uri: axum::http::Uri) -> Error {
     Error::RouteNotFound {
         path: uri.path().to_owned(),
@@ -68,6 +82,14 @@ pub async fn serve(
         .local_addr()
         .map_or_else(|_| "<unknown address>".to_owned(), |addr| addr.to_string());
     tracing::info!(%addr, "HTTP API listening");
+    // Streamed SSE chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds
+    // them back (the same stall the gRPC servers had, measured by the router_overhead bench).
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -270,7 +270,7 @@ impl Model {
             .gather_rows(&a.normed, &step, &mut picked)
             .map_err(Error::backend("gathering logits rows"))?;
         let mut logits = backend
-            .alloc(&[rows, self.vocab_range.len()])
+            .alloc_logits(&[rows, self.vocab_range.len()])
             .map_err(Error::backend("allocating logits"))?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         backend
@@ -278,7 +278,7 @@ impl Model {
             .map_err(Error::backend("lm_head"))?;
         if self.shard.world_size > 1 {
             let mut all = backend
-                .alloc(&[rows, self.config.vocab_size])
+                .alloc_logits(&[rows, self.config.vocab_size])
                 .map_err(Error::backend("allocating gathered logits"))?;
             backend
                 .all_gather_cols(&logits, &mut all)
