@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::{
-    fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc, Serve,
+    http_client, http_get_status, registered_groups, start_router, tiny_model, wait_until,
+    EtcdServer, Serve, Worker,
 };
 
 fn card_request(question: &str, do_sample: bool) -> serde_json::Value {
@@ -17,13 +18,6 @@ fn card_request(question: &str, do_sample: bool) -> serde_json::Value {
             "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": do_sample, "max_new_tokens": 200}
         }
     })
-}
-
-fn tiny_model() -> String {
-    fixtures_dir()
-        .join("tiny-allam")
-        .to_string_lossy()
-        .into_owned()
 }
 
 #[test]
@@ -73,78 +67,6 @@ fn serve_answers_the_model_card_samples_in_both_languages() {
     );
 }
 
-/// A worker process of the etcd cluster, with its own metrics port.
-struct Worker {
-    proc: Proc,
-    metrics: String,
-}
-
-fn start_worker(group: &str, etcd: &str, dir: &std::path::Path) -> Worker {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let model = tiny_model();
-    let proc = Proc::spawn(
-        group,
-        &[
-            "worker",
-            "--etcd",
-            etcd,
-            "--group",
-            group,
-            "--listen",
-            &listen,
-            "--model",
-            &model,
-            "--lease-ttl",
-            "2",
-            "--metrics-addr",
-            &metrics,
-            "--shutdown-timeout",
-            "20",
-        ],
-        &[],
-        dir,
-    );
-    Worker {
-        proc,
-        metrics: format!("http://{metrics}/metrics"),
-    }
-}
-
-/// Sum of a Prometheus counter/gauge over all label sets.
-fn metric_sum(metrics_url: &str, name: &str) -> f64 {
-    let client = http_client::blocking_client();
-    let Ok(response) = client.get(metrics_url).send() else {
-        return 0.0;
-    };
-    response
-        .body
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn registered_groups(etcd: &str) -> Vec<String> {
-    let output = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            etcd,
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/allam/v1/workers/",
-        ])
-        .output()
-        .expect("etcdctl (Debian etcd-client) must be installed");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| l.trim_start_matches("/allam/v1/workers/").to_owned())
-        .collect()
-}
-
 /// Runs `n` chats at once through the router; returns how many succeeded and the errors.
 fn concurrent_chats(http: &str, n: usize, max_tokens: u32) -> (usize, Vec<String>) {
     let handles: Vec<_> = (0..n)
@@ -180,28 +102,15 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
     let dir = tempfile::tempdir().expect("temp dir");
     let etcd = EtcdServer::start().expect("etcd (Debian etcd-server) must be installed");
     let endpoint = etcd.endpoint();
-    let w0 = start_worker("w0", &endpoint, dir.path());
-    let mut w1 = start_worker("w1", &endpoint, dir.path());
-    let http = format!("127.0.0.1:{}", free_port());
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let model = tiny_model();
-    let router = Proc::spawn(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &endpoint,
-            "--http-addr",
-            &http,
-            "--grpc-addr",
-            &grpc,
-            "--model",
-            &model,
-        ],
-        &[],
+    let w0 = Worker::start("w0", &endpoint, dir.path(), &[], &[]);
+    let mut w1 = Worker::start(
+        "w1",
+        &endpoint,
         dir.path(),
+        &["--shutdown-timeout", "20"],
+        &[],
     );
-    let http = format!("http://{http}");
+    let (router, http) = start_router(&endpoint, dir.path(), &[], &[]);
     wait_until(
         "both groups registered in etcd",
         Duration::from_secs(90),
@@ -220,8 +129,8 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
         "errors: {errors:?}\nrouter log:\n{}",
         router.log_text()
     );
-    let served_w0 = metric_sum(&w0.metrics, "allam_generated_tokens_total");
-    let served_w1 = metric_sum(&w1.metrics, "allam_generated_tokens_total");
+    let served_w0 = w0.generated_tokens();
+    let served_w1 = w1.generated_tokens();
     assert!(
         served_w0 > 0.0 && served_w1 > 0.0,
         "both groups must serve: w0 {served_w0} tokens, w1 {served_w1} tokens"
@@ -239,7 +148,7 @@ fn etcd_cluster_spreads_load_and_survives_a_killed_and_a_drained_group() {
 
     // SIGTERM on the last group while requests run: it leaves etcd first, every running
     // request still completes, then the process exits cleanly.
-    let w2 = start_worker("w2", &endpoint, dir.path());
+    let w2 = Worker::start("w2", &endpoint, dir.path(), &[], &[]);
     wait_until("w2 registered", Duration::from_secs(60), || {
         registered_groups(&endpoint).len() == 2
     });

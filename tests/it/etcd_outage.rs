@@ -9,86 +9,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::{
-    fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc,
+    etcdctl, http_client, http_get_status, registered_groups, start_router, wait_until, EtcdServer,
+    Worker,
 };
 
 /// How long etcd stays down while clients keep sending.
 const OUTAGE: Duration = Duration::from_secs(30);
 /// Client threads sending chats back to back (two, so both groups have work at once).
 const CLIENTS: usize = 2;
-
-struct Worker {
-    proc: Proc,
-    metrics: String,
-}
-
-fn start_worker(group: &str, etcd: &str, dir: &std::path::Path) -> Worker {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let model = fixtures_dir()
-        .join("tiny-allam")
-        .to_string_lossy()
-        .into_owned();
-    let proc = Proc::spawn(
-        group,
-        &[
-            "worker",
-            "--etcd",
-            etcd,
-            "--group",
-            group,
-            "--listen",
-            &listen,
-            "--model",
-            &model,
-            "--lease-ttl",
-            "2",
-            "--metrics-addr",
-            &metrics,
-        ],
-        &[],
-        dir,
-    );
-    Worker {
-        proc,
-        metrics: format!("http://{metrics}/metrics"),
-    }
-}
-
-/// Tokens a worker generated so far (`allam_generated_tokens_total`, all label sets).
-fn generated_tokens(worker: &Worker) -> f64 {
-    let client = http_client::blocking_client();
-    let Ok(response) = client.get(&worker.metrics).send() else {
-        return 0.0;
-    };
-    response
-        .body
-        .lines()
-        .filter(|l| l.starts_with("allam_generated_tokens_total") && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn etcdctl(etcd: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", etcd, "--command-timeout", "2s"])
-        .args(args)
-        .output()
-        .expect("etcdctl (Debian etcd-client) must be installed");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn registered_groups(etcd: &str) -> Vec<String> {
-    etcdctl(
-        etcd,
-        &["get", "--prefix", "--keys-only", "/allam/v1/workers/"],
-    )
-    .lines()
-    .filter(|l| !l.is_empty())
-    .map(|l| l.trim_start_matches("/allam/v1/workers/").to_owned())
-    .collect()
-}
 
 /// The lease a group's key is attached to (`None`: no key, or etcd unreachable).
 fn group_lease(etcd: &str, group: &str) -> Option<i64> {
@@ -134,14 +62,14 @@ fn chat_round(http: &str, round: usize) -> Vec<String> {
 /// Sends rounds of concurrent chats until both workers generated more tokens than in
 /// `before`: proof that the router routes to both groups. Every chat must succeed.
 fn until_both_serve(http: &str, workers: &[&Worker; 2], timeout: Duration, what: &str) {
-    let before = workers.map(generated_tokens);
+    let before = workers.map(Worker::generated_tokens);
     let deadline = Instant::now() + timeout;
     let mut round = 1000;
     loop {
         let errors = chat_round(http, round);
         assert!(errors.is_empty(), "{what}: chats failed: {errors:?}");
         round += 1;
-        let now = workers.map(generated_tokens);
+        let now = workers.map(Worker::generated_tokens);
         if now[0] > before[0] && now[1] > before[1] {
             return;
         }
@@ -157,31 +85,9 @@ fn router_keeps_serving_through_an_etcd_outage_and_groups_reregister() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut etcd = EtcdServer::start().expect("etcd (Debian etcd-server) must be installed");
     let endpoint = etcd.endpoint();
-    let mut w0 = start_worker("w0", &endpoint, dir.path());
-    let mut w1 = start_worker("w1", &endpoint, dir.path());
-    let http = format!("127.0.0.1:{}", free_port());
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let model = fixtures_dir()
-        .join("tiny-allam")
-        .to_string_lossy()
-        .into_owned();
-    let router = Proc::spawn(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &endpoint,
-            "--http-addr",
-            &http,
-            "--grpc-addr",
-            &grpc,
-            "--model",
-            &model,
-        ],
-        &[],
-        dir.path(),
-    );
-    let http = format!("http://{http}");
+    let mut w0 = Worker::start("w0", &endpoint, dir.path(), &[], &[]);
+    let mut w1 = Worker::start("w1", &endpoint, dir.path(), &[], &[]);
+    let (router, http) = start_router(&endpoint, dir.path(), &[], &[]);
     wait_until(
         "both groups registered in etcd",
         Duration::from_secs(90),
@@ -203,7 +109,7 @@ fn router_keeps_serving_through_an_etcd_outage_and_groups_reregister() {
     );
 
     // etcd down (SIGKILL) for OUTAGE while CLIENTS threads send chats back to back.
-    let tokens_before = [&w0, &w1].map(generated_tokens);
+    let tokens_before = [&w0, &w1].map(Worker::generated_tokens);
     etcd.stop();
     let stop_at = Instant::now() + OUTAGE;
     let failed = Arc::new(AtomicBool::new(false));
@@ -242,7 +148,7 @@ fn router_keeps_serving_through_an_etcd_outage_and_groups_reregister() {
         sent >= CLIENTS * 5,
         "only {sent} chats in {OUTAGE:?}: the load did not run"
     );
-    let tokens_after = [&w0, &w1].map(generated_tokens);
+    let tokens_after = [&w0, &w1].map(Worker::generated_tokens);
     assert!(
         tokens_after[0] > tokens_before[0] && tokens_after[1] > tokens_before[1],
         "the router must keep both groups while etcd is down: tokens before {tokens_before:?}, \

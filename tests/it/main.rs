@@ -1,13 +1,13 @@
 //! Integration tests: the real `allam` binary, real etcd, real clients, on loopback.
 
+mod bad_input;
 mod cli;
 mod clients;
 mod cluster;
 mod etcd_outage;
 mod local_cluster;
 mod otlp;
+mod soak;
 mod support;
 mod tidy;
 mod tp;
-mod bad_input;
-mod soak;

@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use serde_json::json;
 
 use crate::support::{
-    fixtures_dir, free_port, http_client, http_get_status, wait_until, EtcdServer, Proc,
+    http_client, http_get_status, registered_groups, start_router, wait_until, EtcdServer, Worker,
 };
 
 /// One received span, flattened with its resource's `service.name`.
@@ -172,26 +172,6 @@ fn tokio_stream_incoming(
     })
 }
 
-fn registered_groups(etcd: &str) -> Vec<String> {
-    let output = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            etcd,
-            "get",
-            "--prefix",
-            "--keys-only",
-            "/allam/v1/workers/",
-        ])
-        .output()
-        .expect("etcdctl (Debian etcd-client) must be installed");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| l.trim_start_matches("/allam/v1/workers/").to_owned())
-        .collect()
-}
-
 /// A fresh, valid W3C trace id (32 hex digits, not all zero) for this run.
 fn new_trace_id() -> String {
     let nanos = SystemTime::now()
@@ -244,55 +224,12 @@ fn one_trace_id_spans_router_and_worker() {
     let dir = tempfile::tempdir().expect("temp dir");
     let etcd = EtcdServer::start().expect("etcd (Debian etcd-server) must be installed");
     let endpoint = etcd.endpoint();
-    let model = fixtures_dir()
-        .join("tiny-allam")
-        .to_string_lossy()
-        .into_owned();
     // The batch exporters flush every 5 s by default; a short delay only makes the test
     // quicker, the deadline below still does the synchronizing.
     let envs = [("OTEL_BSP_SCHEDULE_DELAY", "200")];
-    let listen = format!("127.0.0.1:{}", free_port());
-    let worker = Proc::spawn(
-        "worker",
-        &[
-            "worker",
-            "--etcd",
-            &endpoint,
-            "--group",
-            "w0",
-            "--listen",
-            &listen,
-            "--model",
-            &model,
-            "--lease-ttl",
-            "2",
-            "--otlp-endpoint",
-            &receiver.endpoint,
-        ],
-        &envs,
-        dir.path(),
-    );
-    let http = format!("127.0.0.1:{}", free_port());
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let router = Proc::spawn(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &endpoint,
-            "--http-addr",
-            &http,
-            "--grpc-addr",
-            &grpc,
-            "--model",
-            &model,
-            "--otlp-endpoint",
-            &receiver.endpoint,
-        ],
-        &envs,
-        dir.path(),
-    );
-    let http = format!("http://{http}");
+    let otlp = ["--otlp-endpoint", receiver.endpoint.as_str()];
+    let worker = Worker::start("w0", &endpoint, dir.path(), &otlp, &envs);
+    let (router, http) = start_router(&endpoint, dir.path(), &otlp, &envs);
     wait_until(
         "the worker group registered in etcd",
         Duration::from_secs(90),
@@ -338,7 +275,7 @@ fn one_trace_id_spans_router_and_worker() {
             names(&spans, "allam-router"),
             names(&spans, "allam-worker"),
             router.log_text(),
-            worker.log_text(),
+            worker.proc.log_text(),
         );
         std::thread::sleep(Duration::from_millis(100));
     };

@@ -97,8 +97,7 @@ pub async fn serve_grpc(
     }
     // tonic ignores `Server::tcp_nodelay` for `serve_with_incoming*`: without this, Nagle's
     // algorithm held streamed tokens back for up to ~40 ms (router_overhead bench).
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -268,3 +268,121 @@ impl Serve {
         }
     }
 }
+
+/// The tiny-allam fixture model directory as a string argument.
+pub fn tiny_model() -> String {
+    fixtures_dir()
+        .join("tiny-allam")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `etcdctl` (Debian etcd-client, v3 API) against `etcd`; its stdout.
+pub fn etcdctl(etcd: &str, args: &[&str]) -> String {
+    let output = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", etcd, "--command-timeout", "2s"])
+        .args(args)
+        .output()
+        .expect("etcdctl (Debian etcd-client) must be installed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Worker groups whose key exists under `/allam/v1/workers/`.
+pub fn registered_groups(etcd: &str) -> Vec<String> {
+    etcdctl(
+        etcd,
+        &["get", "--prefix", "--keys-only", "/allam/v1/workers/"],
+    )
+    .lines()
+    .filter(|l| !l.is_empty())
+    .map(|l| l.trim_start_matches("/allam/v1/workers/").to_owned())
+    .collect()
+}
+
+/// Sum of a Prometheus series over all label sets (0 when the endpoint is unreachable).
+pub fn metric_sum(metrics_url: &str, name: &str) -> f64 {
+    let client = http_client::blocking_client();
+    let Ok(response) = client.get(metrics_url).send() else {
+        return 0.0;
+    };
+    response
+        .body
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An `allam worker` of an etcd cluster on the tiny fixture, with its own metrics port.
+pub struct Worker {
+    pub proc: Proc,
+    pub metrics: String,
+}
+
+impl Worker {
+    /// `--lease-ttl 2` so that a killed group leaves quickly; `extra` appends flags.
+    pub fn start(
+        group: &str,
+        etcd: &str,
+        dir: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Worker {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let model = tiny_model();
+        let mut args = vec![
+            "worker",
+            "--etcd",
+            etcd,
+            "--group",
+            group,
+            "--listen",
+            &listen,
+            "--model",
+            &model,
+            "--lease-ttl",
+            "2",
+            "--metrics-addr",
+            &metrics,
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(group, &args, envs, dir);
+        Worker {
+            proc,
+            metrics: format!("http://{metrics}/metrics"),
+        }
+    }
+
+    /// Tokens this worker generated so far.
+    pub fn generated_tokens(&self) -> f64 {
+        metric_sum(&self.metrics, "allam_generated_tokens_total")
+    }
+}
+
+/// An `allam router` over etcd on free ports; returns it and its HTTP base URL.
+pub fn start_router(
+    etcd: &str,
+    dir: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, String) {
+    let http = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let model = tiny_model();
+    let mut args = vec![
+        "router",
+        "--etcd",
+        etcd,
+        "--http-addr",
+        &http,
+        "--grpc-addr",
+        &grpc,
+        "--model",
+        &model,
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn("router", &args, envs, dir);
+    (proc, format!("http://{http}"))
+}
