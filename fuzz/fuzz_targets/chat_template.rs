@@ -46,8 +46,7 @@ fuzz_target!(|conversation: Conversation| {
         .iter()
         .filter_map(|turn| known_role(turn).map(|role| Message::new(role, turn.content.clone())))
         .collect();
-    if let Ok(text) = tokenizer.apply_chat_template(&messages, conversation.add_generation_prompt)
-    {
+    if let Ok(text) = tokenizer.apply_chat_template(&messages, conversation.add_generation_prompt) {
         if let Ok(ids) = tokenizer.encode(&text, false) {
             tokenizer
                 .check_ids(&ids)
@@ -85,8 +84,14 @@ fuzz_target!(|conversation: Conversation| {
         let text = tokenizer
             .apply_chat_template(&parsed, true)
             .expect("validate rendered this conversation");
-        assert_eq!(valid.prompt_text(), text, "validated prompt is not the rendering");
-        let ids = tokenizer.encode(&text, false).expect("validate encoded this text");
+        assert_eq!(
+            valid.prompt_text(),
+            text,
+            "validated prompt is not the rendering"
+        );
+        let ids = tokenizer
+            .encode(&text, false)
+            .expect("validate encoded this text");
         assert_eq!(valid.prompt_token_ids(), ids.as_slice());
     }
 });

@@ -1,8 +1,10 @@
 //! Tokenizer encode of arbitrary text, then streaming detokenization of arbitrary ids.
 //!
-//! The text (arbitrary bytes, made UTF-8 lossily, as a front would after rejecting nothing)
-//! is encoded; its ids, followed by arbitrary in-vocabulary ids (special and byte-fallback
-//! tokens included), are fed one by one through `IncrementalDecoder`, then `flush()`.
+//! Input layout (so that hand-written seeds are plain text): the bytes up to the first NUL are
+//! the text, made UTF-8 lossily and encoded (with special tokens when its byte length is even,
+//! so both leading-`▁` cases occur); after the NUL, each pair of bytes is a little-endian `u16`
+//! taken modulo the vocabulary (special and byte-fallback tokens included). The encoded ids,
+//! then those, are fed one by one through `IncrementalDecoder`, then `flush()`.
 //!
 //! Must never panic or error (every id is in the vocabulary). Asserted: the invariant
 //! `allam_tokenizer::incremental` documents: the pieces plus `flush()` concatenate to
@@ -13,27 +15,27 @@
 
 #![no_main]
 
-use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 
 /// Bounds the quadratic reference check (one full decode per prefix).
 const MAX_IDS: usize = 256;
 
-#[derive(Debug, Arbitrary)]
-struct Input {
-    text: Vec<u8>,
-    add_special_tokens: bool,
-    ids: Vec<u16>,
-}
-
-fuzz_target!(|input: Input| {
+fuzz_target!(|data: &[u8]| {
     let tokenizer = allam_fuzz::tokenizer();
-    let text = String::from_utf8_lossy(&input.text);
-    let Ok(mut ids) = tokenizer.encode(&text, input.add_special_tokens) else {
+    let (text, extra) = match data.iter().position(|&b| b == 0) {
+        Some(nul) => (&data[..nul], &data[nul + 1..]),
+        None => (data, &[][..]),
+    };
+    let add_special_tokens = text.len() % 2 == 0;
+    let Ok(mut ids) = tokenizer.encode(&String::from_utf8_lossy(text), add_special_tokens) else {
         return;
     };
     let vocab = u32::try_from(tokenizer.vocab_size()).expect("vocabulary fits u32");
-    ids.extend(input.ids.iter().map(|&id| u32::from(id) % vocab));
+    ids.extend(
+        extra
+            .chunks_exact(2)
+            .map(|pair| u32::from(u16::from_le_bytes([pair[0], pair[1]])) % vocab),
+    );
     ids.truncate(MAX_IDS);
 
     let mut decoder = tokenizer.incremental_decoder();
@@ -63,7 +65,9 @@ fuzz_target!(|input: Input| {
     streamed.push_str(&rest);
 
     if !rewritten {
-        let full = tokenizer.decode(&ids, true).expect("decode of in-vocabulary ids");
+        let full = tokenizer
+            .decode(&ids, true)
+            .expect("decode of in-vocabulary ids");
         assert_eq!(
             streamed, full,
             "pieces + flush differ from the full decode of {ids:?}"

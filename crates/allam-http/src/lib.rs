@@ -64,6 +64,13 @@ pub fn parse_completion_request(body: &[u8]) -> Result<allam_request::RawRequest
     request.into_raw().map(|(raw, _options)| raw)
 }
 
+/// Parses a model-card `/score` body exactly as the handler does, without validation. Public
+/// for the fuzz targets.
+pub fn parse_score_request(body: &[u8]) -> Result<allam_request::RawRequest, Error> {
+    let request: routes::score::ScoreRequest = extract::parse_json(body)?;
+    request.into_raw()
+}
+
 async fn not_found(uri: axum::http::Uri) -> Error {
     Error::RouteNotFound {
         path: uri.path().to_owned(),
