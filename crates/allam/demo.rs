@@ -43,6 +43,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             api_key: Vec::new(),
             api_key_file: None,
             max_body_bytes: 4 << 20,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             max_outstanding_per_group: 1024,
         };
         let engine = EngineArgs {

@@ -130,7 +130,13 @@ pub async fn start_fronts(
         },
     )
     .with_token_pieces(move |id| tokenizer.id_to_token(id));
-    let grpc_task = tokio::spawn(allam_router_serve(router, grpc_listener, shutdown.clone()));
+    let tls = grpc_tls(front)?;
+    let grpc_task = tokio::spawn(allam_router_serve(
+        router,
+        grpc_listener,
+        shutdown.clone(),
+        tls,
+    ));
     let http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
         allam_http::serve(http_state, http_listener, http_shutdown)
@@ -149,10 +155,30 @@ async fn allam_router_serve(
     router: Router,
     listener: TcpListener,
     shutdown: CancellationToken,
+    tls: Option<allam_router::TlsConfig>,
 ) -> anyhow::Result<()> {
-    allam_router::serve_grpc(router, listener, shutdown, None)
+    allam_router::serve_grpc(router, listener, shutdown, tls)
         .await
         .context("gRPC server")
+}
+
+/// `--tls-cert`/`--tls-key` (and `--tls-client-ca` for mutual TLS) for the public gRPC port.
+fn grpc_tls(front: &FrontArgs) -> anyhow::Result<Option<allam_router::TlsConfig>> {
+    let (Some(cert), Some(key)) = (&front.tls_cert, &front.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf, flag: &str| {
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+    };
+    Ok(Some(allam_router::TlsConfig {
+        cert_pem: read(cert, "--tls-cert")?,
+        key_pem: read(key, "--tls-key")?,
+        client_ca_pem: front
+            .tls_client_ca
+            .as_ref()
+            .map(|ca| read(ca, "--tls-client-ca"))
+            .transpose()?,
+    }))
 }
 
 fn router_config(

@@ -10,4 +10,5 @@ mod otlp;
 mod soak;
 mod support;
 mod tidy;
+mod tls;
 mod tp;

@@ -7,6 +7,7 @@
 
 mod backend;
 mod batch;
+pub mod checks;
 mod dtype;
 mod error;
 mod handle;
