@@ -370,7 +370,8 @@ pub struct WorkerArgs {
     /// This process's rank in a `--world-size` group; ranks >= 1 join rank 0 at `--peers`.
     #[arg(long, default_value_t = 0, env = "ALLAM_RANK")]
     pub rank: usize,
-    /// Rank 0's rendezvous address (rank 0 listens there; the others connect).
+    /// Rank 0's rendezvous address (rank 0 listens there; the others connect). Without it
+    /// the ranks meet through etcd: rank 0 publishes `/allam/v1/rendezvous/<group>`.
     #[arg(long, env = "ALLAM_PEERS")]
     pub peers: Option<String>,
     /// Serve Prometheus `/metrics` (and `/health`) on this address.

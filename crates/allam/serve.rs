@@ -431,10 +431,24 @@ pub fn router(args: RouterArgs) -> anyhow::Result<ExitCode> {
 /// A rank >= 1 of a hand-assembled (`--world-size`) or spawned (`--tp`) group: no servers,
 /// no etcd; it runs the steps rank 0 sends until rank 0 shuts the group down.
 fn follower_rank(args: &WorkerArgs, world_size: usize) -> anyhow::Result<ExitCode> {
-    let peers = args
-        .peers
-        .as_deref()
-        .context("--rank >= 1 needs --peers (rank 0's rendezvous address)")?;
+    let peers = match &args.peers {
+        Some(peers) => peers.clone(),
+        None if !args.etcd.is_empty() => {
+            // Rank 0 publishes its rendezvous address in etcd once it listens.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a runtime for the etcd rendezvous")?;
+            rt.block_on(allam_membership::wait_for_rendezvous(
+                &EtcdConfig::new(args.etcd.clone()),
+                &args.group,
+                allam_worker::group::GroupOptions::default().rendezvous_timeout,
+            ))
+            .with_context(|| format!("finding rank 0 of group `{}` in etcd", args.group))?
+        }
+        None => anyhow::bail!("--rank >= 1 needs --peers (rank 0's rendezvous address) or --etcd"),
+    };
+    let peers = peers.as_str();
     let resolved = model_source::resolve(&args.model)?;
     let mut group = model_source::group_config(&resolved, &args.model, &args.engine)?;
     group.tp = TpConfig {
@@ -480,11 +494,41 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         };
         let resolved = model_source::resolve(&args.model)?;
         let mut group = model_source::group_config(&resolved, &args.model, &args.engine)?;
+        let mut rendezvous_key = None;
         if world_size > 1 {
-            let peers = args
-                .peers
-                .clone()
-                .context("--world-size > 1 needs --peers (the address rank 0 listens on)")?;
+            let peers = match args.peers.clone() {
+                Some(peers) => peers,
+                None => {
+                    // No --peers: listen on a free port of the worker's address and publish
+                    // it in etcd, where the other ranks look for it.
+                    let probe = std::net::TcpListener::bind(SocketAddr::new(args.listen.ip(), 0))
+                        .context("choosing a rendezvous port")?;
+                    let port = probe.local_addr()?.port();
+                    drop(probe);
+                    let host = match &args.advertise_addr {
+                        Some(addr) => addr
+                            .trim_start_matches("http://")
+                            .rsplit_once(':')
+                            .map_or(addr.as_str(), |(host, _)| host)
+                            .to_owned(),
+                        None if args.listen.ip().is_unspecified() => "127.0.0.1".to_owned(),
+                        None => args.listen.ip().to_string(),
+                    };
+                    let bind = SocketAddr::new(args.listen.ip(), port).to_string();
+                    let published = format!("{host}:{port}");
+                    rendezvous_key = Some(
+                        allam_membership::RendezvousKey::publish(
+                            &EtcdConfig::new(args.etcd.clone()),
+                            &args.group,
+                            &published,
+                            allam_worker::group::GroupOptions::default().rendezvous_timeout,
+                        )
+                        .await
+                        .context("publishing the rendezvous address in etcd")?,
+                    );
+                    bind
+                }
+            };
             group.tp = TpConfig {
                 world_size,
                 group: args.group.clone(),
@@ -498,6 +542,11 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             allam_worker::group::start_group(&group, tokenizer.clone())
         })
         .context("starting the worker group")?;
+        if let Some(key) = rendezvous_key {
+            if let Err(err) = key.remove().await {
+                tracing::warn!(error = %err, "could not remove the rendezvous key; its lease will expire");
+            }
+        }
         let max_context = started.model_config.max_position_embeddings as u32;
         let listener = bind(args.listen, "worker").await?;
         let local = listener.local_addr()?;

@@ -83,3 +83,64 @@ fn serve_with_tp_answers_greedy_chat_like_transformers() {
         goldens("tiny-allam")["cases"][0]["greedy"]["text"]
     );
 }
+
+/// `allam worker --world-size 2 --rank R` started separately, meeting through etcd (no
+/// `--peers`): rank 0 registers the group, the router serves the goldens through it.
+#[test]
+fn ranks_started_separately_meet_through_etcd() {
+    use crate::support::{
+        http_get_status, registered_groups, start_router, wait_until, EtcdServer, Worker,
+    };
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = EtcdServer::start().expect("etcd (Debian etcd-server) must be installed");
+    let endpoint = etcd.endpoint();
+    let tp = ["--world-size", "2"];
+    let rank0 = Worker::start(
+        "g0",
+        &endpoint,
+        dir.path(),
+        &[&tp[..], &["--rank", "0"]].concat(),
+        &[],
+    );
+    let mut rank1 = Worker::start(
+        "g0",
+        &endpoint,
+        dir.path(),
+        &[&tp[..], &["--rank", "1"]].concat(),
+        &[],
+    );
+    let (router, http) = start_router(&endpoint, dir.path(), &[], &[]);
+    wait_until("the TP group registered", Duration::from_secs(120), || {
+        registered_groups(&endpoint) == vec!["g0".to_owned()]
+    });
+    wait_until("router ready", Duration::from_secs(60), || {
+        http_get_status(&format!("{http}/ready")) == Some(200)
+    });
+    let response = http_client::blocking_client()
+        .post(&format!("{http}/v1/chat/completions"))
+        .json(&json!({
+            "messages": [{"role": "user", "content": "How do I prepare a cup of tea?"}],
+            "temperature": 0, "max_tokens": 24
+        }))
+        .send()
+        .expect("chat");
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "{}\nrank0:\n{}\nrank1:\n{}\nrouter:\n{}",
+        response.body,
+        rank0.proc.log_text(),
+        rank1.proc.log_text(),
+        router.log_text()
+    );
+    assert_eq!(
+        response.json()["choices"][0]["message"]["content"],
+        goldens("tiny-allam")["cases"][0]["greedy"]["text"]
+    );
+    assert!(
+        rank1.proc.wait_exit(Duration::from_millis(10)).is_none(),
+        "rank 1 still runs"
+    );
+}

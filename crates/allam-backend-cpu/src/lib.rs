@@ -28,8 +28,9 @@ use allam_backend::{
     KvCacheSpec, PreparedStep, StepBatch, Tensor, Weight,
 };
 
+use allam_backend::checks;
 pub use error::Error;
-use storage::{dims_2d, expect_2d, CpuKv, CpuStep, CpuTensor, CpuWeight, BACKEND_NAME};
+use storage::{CpuKv, CpuStep, CpuTensor, CpuWeight, BACKEND_NAME};
 
 /// Construction options of a [`CpuBackend`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,19 +105,6 @@ fn new_tensor(shape: &[usize], data: Vec<f32>) -> Tensor {
     Tensor::new(shape, DType::F32, Box::new(CpuTensor(data)))
 }
 
-fn check_rows(
-    op: &'static str,
-    operand: &'static str,
-    shape: &[usize],
-    rows: usize,
-) -> Result<usize, OpError> {
-    let (r, cols) = dims_2d(op, operand, shape)?;
-    if r != rows {
-        return Err(OpError::shape(op, operand, format!("[{rows}, _]"), shape));
-    }
-    Ok(cols)
-}
-
 fn check_layout(op: &'static str, layout: &AttentionLayout) -> Result<(), OpError> {
     if layout.n_kv_heads == 0
         || layout.head_dim == 0
@@ -130,30 +118,6 @@ fn check_layout(op: &'static str, layout: &AttentionLayout) -> Result<(), OpErro
                 layout.n_heads, layout.n_kv_heads, layout.head_dim
             ),
         });
-    }
-    Ok(())
-}
-
-fn check_kv_layer(
-    op: &'static str,
-    kv: &KvCache,
-    layer: usize,
-    layout: &AttentionLayout,
-) -> Result<(), OpError> {
-    let spec = kv.spec();
-    if layer >= spec.num_layers
-        || spec.n_kv_heads != layout.n_kv_heads
-        || spec.head_dim != layout.head_dim
-    {
-        return Err(OpError::shape(
-            op,
-            "kv",
-            format!(
-                "layer < {} with {} KV heads of {}",
-                spec.num_layers, layout.n_kv_heads, layout.head_dim
-            ),
-            &[layer, spec.n_kv_heads, spec.head_dim],
-        ));
     }
     Ok(())
 }
@@ -189,17 +153,7 @@ impl Backend for CpuBackend {
         shape: &[usize],
         bytes: &[u8],
     ) -> Result<Weight, OpError> {
-        let numel: usize = shape.iter().product();
-        let expected_bytes = numel * dtype.size_in_bytes();
-        if bytes.len() != expected_bytes {
-            return Err(OpError::WeightBytes {
-                name: name.to_owned(),
-                dtype,
-                shape: shape.to_vec(),
-                expected_bytes,
-                actual_bytes: bytes.len(),
-            });
-        }
+        checks::check_weight_bytes(name, dtype, shape, bytes.len())?;
         let data = decode_to_f32(dtype, bytes).expect("byte length checked against dtype above");
         Ok(Weight::new(
             name,
@@ -215,14 +169,7 @@ impl Backend for CpuBackend {
         rotary_dim: usize,
         cos_sin: &[f32],
     ) -> Result<Weight, OpError> {
-        if !rotary_dim.is_multiple_of(2) || cos_sin.len() != max_positions * rotary_dim {
-            return Err(OpError::shape(
-                "upload_rope_table",
-                "cos_sin",
-                format!("[{max_positions}, {rotary_dim}] with even rotary_dim"),
-                &[cos_sin.len()],
-            ));
-        }
+        checks::check_rope_cos_sin(max_positions, rotary_dim, cos_sin.len(), false)?;
         Ok(Weight::new(
             "rope_table",
             &[max_positions, rotary_dim],
@@ -236,14 +183,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Tensor, OpError> {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(OpError::shape(
-                "upload_f32",
-                "data",
-                format!("{shape:?}"),
-                &[data.len()],
-            ));
-        }
+        checks::check_upload_f32(shape, data.len())?;
         Ok(new_tensor(shape, data.to_vec()))
     }
 
@@ -254,13 +194,7 @@ impl Backend for CpuBackend {
     fn alloc_kv_cache(&mut self, spec: &KvCacheSpec) -> Result<KvCache, OpError> {
         let bytes = spec.total_bytes(DType::F32) as u64;
         let free = self.free_memory_bytes()?;
-        if bytes > free {
-            return Err(OpError::OutOfMemory {
-                what: format!("KV cache of {} blocks", spec.num_blocks),
-                requested_bytes: bytes,
-                free_bytes: free,
-            });
-        }
+        checks::check_kv_fits(spec, bytes, free)?;
         let per_layer = spec.elements_per_layer();
         let kv = CpuKv {
             k: (0..spec.num_layers).map(|_| vec![0.0; per_layer]).collect(),
@@ -272,15 +206,7 @@ impl Backend for CpuBackend {
 
     fn copy_kv_blocks(&mut self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<(), OpError> {
         let spec = *kv.spec();
-        if let Some(bad) = pairs
-            .iter()
-            .find(|(s, d)| *s as usize >= spec.num_blocks || *d as usize >= spec.num_blocks)
-        {
-            return Err(OpError::InvalidBatch {
-                op: "copy_kv_blocks",
-                detail: format!("pair {bad:?} outside {} blocks", spec.num_blocks),
-            });
-        }
+        checks::check_copy_pairs("copy_kv_blocks", pairs, spec.num_blocks)?;
         let block_elems = spec.block_size * spec.n_kv_heads * spec.head_dim;
         let cache = storage::kv_mut("copy_kv_blocks", kv)?;
         for layer in cache.k.iter_mut().chain(cache.v.iter_mut()) {
@@ -291,17 +217,7 @@ impl Backend for CpuBackend {
 
     fn prepare_step(&mut self, batch: &StepBatch, kv: &KvCache) -> Result<PreparedStep, OpError> {
         storage::kv("prepare_step", kv)?;
-        batch.validate(kv.spec().num_blocks)?;
-        if batch.block_size as usize != kv.spec().block_size {
-            return Err(OpError::InvalidBatch {
-                op: "prepare_step",
-                detail: format!(
-                    "batch block_size {} but the cache has {}",
-                    batch.block_size,
-                    kv.spec().block_size
-                ),
-            });
-        }
+        checks::check_step_batch("prepare_step", batch, kv.spec())?;
         let mut token_seq = Vec::with_capacity(batch.num_tokens());
         for (i, seq) in batch.seqs.iter().enumerate() {
             token_seq.extend(std::iter::repeat_n(i as u32, seq.query_len as usize));
@@ -320,15 +236,9 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
     ) -> Result<(), OpError> {
         const OP: &str = "embedding";
-        let (vocab, hidden) = dims_2d(OP, "table", table.shape())?;
-        expect_2d(OP, "out", out.shape(), step.num_tokens(), hidden)?;
+        let (vocab, hidden) = checks::check_embedding(OP, table, step, out)?;
         let ids = &storage::step(OP, step)?.batch.token_ids;
-        if let Some(id) = ids.iter().find(|id| **id as usize >= vocab) {
-            return Err(OpError::InvalidBatch {
-                op: OP,
-                detail: format!("token id {id} outside the vocabulary of {vocab}"),
-            });
-        }
+        checks::check_token_ids(OP, ids.iter().copied(), vocab)?;
         let table = storage::weight(OP, "table", table)?;
         rowwise::embedding(table, hidden, ids, storage::tensor_mut(OP, "out", out)?);
         Ok(())
@@ -342,16 +252,7 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
     ) -> Result<(), OpError> {
         const OP: &str = "rms_norm";
-        let (rows, hidden) = dims_2d(OP, "x", x.shape())?;
-        if weight.shape() != [hidden] {
-            return Err(OpError::shape(
-                OP,
-                "weight",
-                format!("[{hidden}]"),
-                weight.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), rows, hidden)?;
+        checks::check_rms_norm(OP, x, weight, out)?;
         let (x, w) = (
             storage::tensor(OP, "x", x)?,
             storage::weight(OP, "weight", weight)?,
@@ -370,17 +271,7 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
     ) -> Result<(), OpError> {
         const OP: &str = "add_rms_norm";
-        let (rows, hidden) = dims_2d(OP, "residual", residual.shape())?;
-        expect_2d(OP, "x", x.shape(), rows, hidden)?;
-        expect_2d(OP, "out", out.shape(), rows, hidden)?;
-        if weight.shape() != [hidden] {
-            return Err(OpError::shape(
-                OP,
-                "weight",
-                format!("[{hidden}]"),
-                weight.shape(),
-            ));
-        }
+        checks::check_add_rms_norm(OP, residual, x, weight, out)?;
         let (x, w) = (
             storage::tensor(OP, "x", x)?,
             storage::weight(OP, "weight", weight)?,
@@ -394,17 +285,7 @@ impl Backend for CpuBackend {
 
     fn linear(&mut self, x: &Tensor, weight: &Weight, out: &mut Tensor) -> Result<(), OpError> {
         const OP: &str = "linear";
-        let (rows, k) = dims_2d(OP, "x", x.shape())?;
-        let (n, wk) = dims_2d(OP, "weight", weight.shape())?;
-        if wk != k {
-            return Err(OpError::shape(
-                OP,
-                "weight",
-                format!("[_, {k}] (in = x's columns)"),
-                weight.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), rows, n)?;
+        let (rows, k, n) = checks::check_linear(OP, x, weight, out)?;
         let (x, w) = (
             storage::tensor(OP, "x", x)?,
             storage::weight(OP, "weight", weight)?,
@@ -423,29 +304,10 @@ impl Backend for CpuBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "rope";
         check_layout(OP, layout)?;
-        expect_2d(
-            OP,
-            "qkv",
-            qkv.shape(),
-            step.num_tokens(),
-            layout.qkv_width(),
-        )?;
-        let (max_positions, rotary_dim) = dims_2d(OP, "rope_table", rope_table.shape())?;
-        if rotary_dim != layout.head_dim {
-            return Err(OpError::shape(
-                OP,
-                "rope_table",
-                format!("[_, {}] (head_dim)", layout.head_dim),
-                rope_table.shape(),
-            ));
-        }
+        checks::check_qkv(OP, qkv, layout, step)?;
+        let (max_positions, _) = checks::check_rope_table(OP, rope_table, layout)?;
         let positions = &storage::step(OP, step)?.batch.positions;
-        if let Some(p) = positions.iter().find(|p| **p as usize >= max_positions) {
-            return Err(OpError::InvalidBatch {
-                op: OP,
-                detail: format!("position {p} past the RoPE table's {max_positions} positions"),
-            });
-        }
+        checks::check_positions(OP, positions.iter().copied(), max_positions)?;
         let table = storage::weight(OP, "rope_table", rope_table)?;
         let qkv = storage::tensor_mut(OP, "qkv", qkv)?;
         self.pool
@@ -463,14 +325,7 @@ impl Backend for CpuBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "kv_write";
         check_layout(OP, layout)?;
-        expect_2d(
-            OP,
-            "qkv",
-            qkv.shape(),
-            step.num_tokens(),
-            layout.qkv_width(),
-        )?;
-        check_kv_layer(OP, kv, layer, layout)?;
+        checks::check_kv_write(OP, qkv, layout, kv, layer, step)?;
         let slots = &storage::step(OP, step)?.batch.slot_mapping;
         let qkv = storage::tensor(OP, "qkv", qkv)?;
         let cache = storage::kv_mut(OP, kv)?;
@@ -489,15 +344,7 @@ impl Backend for CpuBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "attention";
         check_layout(OP, layout)?;
-        expect_2d(
-            OP,
-            "qkv",
-            qkv.shape(),
-            step.num_tokens(),
-            layout.qkv_width(),
-        )?;
-        expect_2d(OP, "out", out.shape(), step.num_tokens(), layout.q_width())?;
-        check_kv_layer(OP, kv, layer, layout)?;
+        checks::check_attention(OP, qkv, layout, kv, layer, step, out)?;
         let cpu_step = storage::step(OP, step)?;
         let qkv = storage::tensor(OP, "qkv", qkv)?;
         let cache = storage::kv(OP, kv)?;
@@ -518,20 +365,10 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&mut self, gate_up: &Tensor, out: &mut Tensor) -> Result<(), OpError> {
         const OP: &str = "silu_mul";
-        let (rows, double) = dims_2d(OP, "gate_up", gate_up.shape())?;
-        if double % 2 != 0 {
-            return Err(OpError::shape(
-                OP,
-                "gate_up",
-                "[rows, 2 * n]",
-                gate_up.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), rows, double / 2)?;
+        let (_, inter) = checks::check_silu_mul(OP, gate_up, out)?;
         let gate_up = storage::tensor(OP, "gate_up", gate_up)?;
         let out = storage::tensor_mut(OP, "out", out)?;
-        self.pool
-            .install(|| rowwise::silu_mul(gate_up, double / 2, out));
+        self.pool.install(|| rowwise::silu_mul(gate_up, inter, out));
         Ok(())
     }
 
@@ -542,8 +379,7 @@ impl Backend for CpuBackend {
         out: &mut Tensor,
     ) -> Result<(), OpError> {
         const OP: &str = "gather_rows";
-        let cols = check_rows(OP, "x", x.shape(), step.num_tokens())?;
-        expect_2d(OP, "out", out.shape(), step.num_logits_rows(), cols)?;
+        let (_, cols) = checks::check_gather_rows(OP, x, step, out)?;
         let rows = &storage::step(OP, step)?.batch.logits_rows;
         let x = storage::tensor(OP, "x", x)?;
         rowwise::gather_rows(x, cols, rows, storage::tensor_mut(OP, "out", out)?);

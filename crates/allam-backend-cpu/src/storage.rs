@@ -2,7 +2,7 @@
 //! downcasts every op starts with. Distinct newtypes per handle kind so a weight can never be
 //! mistaken for an activation.
 
-use allam_backend::{Error, KvCache, PreparedStep, StepBatch, Tensor, Weight};
+use allam_backend::{checks, Error, KvCache, PreparedStep, StepBatch, Tensor, Weight};
 
 pub(crate) const BACKEND_NAME: &str = "cpu";
 
@@ -25,11 +25,7 @@ pub(crate) struct CpuStep {
 }
 
 fn foreign(op: &'static str, operand: &'static str) -> Error {
-    Error::ForeignHandle {
-        op,
-        operand,
-        backend: BACKEND_NAME,
-    }
+    checks::foreign(op, operand, BACKEND_NAME)
 }
 
 pub(crate) fn tensor<'a>(
@@ -72,36 +68,4 @@ pub(crate) fn kv_mut<'a>(op: &'static str, kv: &'a mut KvCache) -> Result<&'a mu
 
 pub(crate) fn step<'a>(op: &'static str, step: &'a PreparedStep) -> Result<&'a CpuStep, Error> {
     step.storage::<CpuStep>().ok_or_else(|| foreign(op, "step"))
-}
-
-/// Checks that `shape` is exactly `[rows, cols]`.
-pub(crate) fn expect_2d(
-    op: &'static str,
-    operand: &'static str,
-    shape: &[usize],
-    rows: usize,
-    cols: usize,
-) -> Result<(), Error> {
-    if shape == [rows, cols] {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            operand,
-            format!("[{rows}, {cols}]"),
-            shape,
-        ))
-    }
-}
-
-/// Returns `(rows, cols)` of a 2-D shape.
-pub(crate) fn dims_2d(
-    op: &'static str,
-    operand: &'static str,
-    shape: &[usize],
-) -> Result<(usize, usize), Error> {
-    match shape {
-        [rows, cols] => Ok((*rows, *cols)),
-        _ => Err(Error::shape(op, operand, "[rows, cols]", shape)),
-    }
 }

@@ -7,7 +7,9 @@
 use allam_backend::{Error, PreparedStep, Tensor, Weight};
 use allam_comm::Communicator;
 
-use crate::storage::{self, dims_2d, expect_2d};
+use allam_backend::checks::{check_token_ids, dims_2d, expect_2d};
+
+use crate::storage;
 
 fn collective(op: &'static str) -> impl FnOnce(allam_comm::Error) -> Error {
     move |e| Error::Collective {
@@ -36,12 +38,7 @@ pub(crate) fn embedding_shard(
     }
     expect_2d(OP, "out", out.shape(), step.num_tokens(), hidden)?;
     let ids = &storage::step(OP, step)?.batch.token_ids;
-    if let Some(id) = ids.iter().find(|id| **id as usize >= vocab_size) {
-        return Err(Error::InvalidBatch {
-            op: OP,
-            detail: format!("token id {id} outside the vocabulary of {vocab_size}"),
-        });
-    }
+    check_token_ids(OP, ids.iter().copied(), vocab_size)?;
     let table = storage::weight(OP, "table", table)?;
     let out = storage::tensor_mut(OP, "out", out)?;
     for (row, id) in out.chunks_exact_mut(hidden).zip(ids) {

@@ -2,6 +2,7 @@
 //! launch geometry (allam-kernels) and enqueues one kernel or cuBLAS call. The math is in
 //! `kernels/*.cu`; the same-named op of `allam-backend-cpu` is the reference.
 
+use allam_backend::checks;
 use allam_backend::{
     AttentionLayout, Backend, BackendInfo, DType, Error as OpError, KvCache, KvCacheSpec,
     PreparedStep, StepBatch, Tensor, Weight,
@@ -14,9 +15,7 @@ use half::bf16;
 use crate::convert::{bf16_to_f32, bytes_to_bf16, f32_to_bf16};
 use crate::gemm::{gemm_bf16, gemm_dims, GemmOut};
 use crate::step::pack_step;
-use crate::storage::{
-    self, dims_2d, expect_2d, raw, CudaKv, CudaStep, CudaTensor, CudaWeight, DevBuf, BACKEND_NAME,
-};
+use crate::storage::{self, raw, CudaKv, CudaStep, CudaTensor, CudaWeight, DevBuf, BACKEND_NAME};
 use crate::{device_err, Arg, CudaBackend};
 
 fn unsupported(op: &'static str, detail: String) -> OpError {
@@ -34,30 +33,6 @@ fn check_layout(op: &'static str, layout: &AttentionLayout) -> Result<HeadDim, O
         return Err(unsupported(op, why));
     }
     Ok(HeadDim::new(layout.head_dim).expect("attention_unsupported checked the head dim"))
-}
-
-fn check_kv_layer(
-    op: &'static str,
-    kv: &KvCache,
-    layer: usize,
-    layout: &AttentionLayout,
-) -> Result<(), OpError> {
-    let spec = kv.spec();
-    if layer >= spec.num_layers
-        || spec.n_kv_heads != layout.n_kv_heads
-        || spec.head_dim != layout.head_dim
-    {
-        return Err(OpError::shape(
-            op,
-            "kv",
-            format!(
-                "layer < {} with {} KV heads of {}",
-                spec.num_layers, layout.n_kv_heads, layout.head_dim
-            ),
-            &[layer, spec.n_kv_heads, spec.head_dim],
-        ));
-    }
-    Ok(())
 }
 
 fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, OpError> {
@@ -113,19 +88,9 @@ impl Backend for CudaBackend {
     ) -> Result<Weight, OpError> {
         const OP: &str = "upload_weight";
         self.bind(OP)?;
-        let numel: usize = shape.iter().product();
-        let expected_bytes = numel * dtype.size_in_bytes();
-        let converted = (bytes.len() == expected_bytes)
-            .then(|| bytes_to_bf16(dtype, bytes))
-            .flatten();
-        let Some(data) = converted else {
-            return Err(OpError::WeightBytes {
-                name: name.to_owned(),
-                dtype,
-                shape: shape.to_vec(),
-                expected_bytes,
-                actual_bytes: bytes.len(),
-            });
+        checks::check_weight_bytes(name, dtype, shape, bytes.len())?;
+        let Some(data) = bytes_to_bf16(dtype, bytes) else {
+            return Err(checks::weight_bytes_error(name, dtype, shape, bytes.len()));
         };
         let buf = self.upload_bf16(OP, &data)?;
         Ok(Weight::new(
@@ -144,18 +109,7 @@ impl Backend for CudaBackend {
     ) -> Result<Weight, OpError> {
         const OP: &str = "upload_rope_table";
         self.bind(OP)?;
-        if !rotary_dim.is_multiple_of(2)
-            || rotary_dim == 0
-            || cos_sin.len() != max_positions * rotary_dim
-            || cos_sin.is_empty()
-        {
-            return Err(OpError::shape(
-                OP,
-                "cos_sin",
-                format!("[{max_positions}, {rotary_dim}] with even rotary_dim"),
-                &[cos_sin.len()],
-            ));
-        }
+        checks::check_rope_cos_sin(max_positions, rotary_dim, cos_sin.len(), true)?;
         let buf = self
             .dev
             .stream
@@ -192,14 +146,7 @@ impl Backend for CudaBackend {
     fn upload_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Tensor, OpError> {
         const OP: &str = "upload_f32";
         self.bind(OP)?;
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(OpError::shape(
-                OP,
-                "data",
-                format!("{shape:?}"),
-                &[data.len()],
-            ));
-        }
+        checks::check_upload_f32(shape, data.len())?;
         let buf = self.upload_bf16(OP, &f32_to_bf16(data))?;
         Ok(Tensor::new(
             shape,
@@ -227,13 +174,7 @@ impl Backend for CudaBackend {
         self.bind(OP)?;
         let bytes = spec.total_bytes(DType::BF16) as u64;
         let free = self.free_memory_bytes()?;
-        if bytes > free {
-            return Err(OpError::OutOfMemory {
-                what: format!("KV cache of {} blocks", spec.num_blocks),
-                requested_bytes: bytes,
-                free_bytes: free,
-            });
-        }
+        checks::check_kv_fits(spec, bytes, free)?;
         let per_layer = spec.elements_per_layer().max(1);
         let alloc = || {
             self.dev
@@ -254,15 +195,7 @@ impl Backend for CudaBackend {
         const OP: &str = "copy_kv_blocks";
         self.bind(OP)?;
         let spec = *kv.spec();
-        if let Some(bad) = pairs
-            .iter()
-            .find(|(s, d)| *s as usize >= spec.num_blocks || *d as usize >= spec.num_blocks)
-        {
-            return Err(OpError::InvalidBatch {
-                op: OP,
-                detail: format!("pair {bad:?} outside {} blocks", spec.num_blocks),
-            });
-        }
+        checks::check_copy_pairs(OP, pairs, spec.num_blocks)?;
         let block_bytes = (spec.block_size * spec.n_kv_heads * spec.head_dim * 2) as u64;
         let cache = storage::kv(OP, kv)?;
         let stream = &self.dev.stream;
@@ -289,17 +222,7 @@ impl Backend for CudaBackend {
         const OP: &str = "prepare_step";
         self.bind(OP)?;
         storage::kv(OP, kv)?;
-        batch.validate(kv.spec().num_blocks)?;
-        if batch.block_size as usize != kv.spec().block_size {
-            return Err(OpError::InvalidBatch {
-                op: OP,
-                detail: format!(
-                    "batch block_size {} but the cache has {}",
-                    batch.block_size,
-                    kv.spec().block_size
-                ),
-            });
-        }
+        checks::check_step_batch(OP, batch, kv.spec())?;
         let layout = pack_step(batch, kv.spec().n_kv_heads as u32, self.dev.num_sms);
         let buf = self
             .dev
@@ -317,15 +240,9 @@ impl Backend for CudaBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "embedding";
         self.bind(OP)?;
-        let (vocab, hidden) = dims_2d(OP, "table", table.shape())?;
-        expect_2d(OP, "out", out.shape(), step.num_tokens(), hidden)?;
+        let (vocab, hidden) = checks::check_embedding(OP, table, step, out)?;
         let st = storage::step(OP, step)?;
-        if let Some(id) = st.layout.max_token_id.filter(|id| *id as usize >= vocab) {
-            return Err(OpError::InvalidBatch {
-                op: OP,
-                detail: format!("token id {id} outside the vocabulary of {vocab}"),
-            });
-        }
+        checks::check_token_ids(OP, st.layout.max_token_id, vocab)?;
         let args = [
             Arg::Ptr(storage::weight_ptr(OP, "table", table, DType::BF16)?),
             Arg::Ptr(st.at(&self.dev.stream, st.layout.token_ids.start)),
@@ -351,16 +268,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "rms_norm";
         self.bind(OP)?;
-        let (rows, hidden) = dims_2d(OP, "x", x.shape())?;
-        if weight.shape() != [hidden] {
-            return Err(OpError::shape(
-                OP,
-                "weight",
-                format!("[{hidden}]"),
-                weight.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), rows, hidden)?;
+        let (rows, hidden) = checks::check_rms_norm(OP, x, weight, out)?;
         let hidden32 = u32_of(OP, "hidden", hidden)?;
         let args = [
             Arg::Ptr(storage::tensor_bf16(OP, "x", x)?),
@@ -387,17 +295,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "add_rms_norm";
         self.bind(OP)?;
-        let (rows, hidden) = dims_2d(OP, "residual", residual.shape())?;
-        expect_2d(OP, "x", x.shape(), rows, hidden)?;
-        expect_2d(OP, "out", out.shape(), rows, hidden)?;
-        if weight.shape() != [hidden] {
-            return Err(OpError::shape(
-                OP,
-                "weight",
-                format!("[{hidden}]"),
-                weight.shape(),
-            ));
-        }
+        let (rows, hidden) = checks::check_add_rms_norm(OP, residual, x, weight, out)?;
         let hidden32 = u32_of(OP, "hidden", hidden)?;
         let args = [
             Arg::Ptr(storage::tensor_bf16(OP, "x", x)?),
@@ -418,17 +316,7 @@ impl Backend for CudaBackend {
     fn linear(&mut self, x: &Tensor, weight: &Weight, out: &mut Tensor) -> Result<(), OpError> {
         const OP: &str = "linear";
         self.bind(OP)?;
-        let (rows, k) = dims_2d(OP, "x", x.shape())?;
-        let (n, wk) = dims_2d(OP, "weight", weight.shape())?;
-        if wk != k {
-            return Err(OpError::shape(
-                OP,
-                "weight",
-                format!("[_, {k}] (in = x's columns)"),
-                weight.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), rows, n)?;
+        let (rows, k, n) = checks::check_linear(OP, x, weight, out)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
@@ -469,33 +357,10 @@ impl Backend for CudaBackend {
         {
             return Err(unsupported(OP, format!("attention layout {layout:?}")));
         }
-        expect_2d(
-            OP,
-            "qkv",
-            qkv.shape(),
-            step.num_tokens(),
-            layout.qkv_width(),
-        )?;
-        let (max_positions, rotary_dim) = dims_2d(OP, "rope_table", rope_table.shape())?;
-        if rotary_dim != layout.head_dim {
-            return Err(OpError::shape(
-                OP,
-                "rope_table",
-                format!("[_, {}] (head_dim)", layout.head_dim),
-                rope_table.shape(),
-            ));
-        }
+        checks::check_qkv(OP, qkv, layout, step)?;
+        let (max_positions, rotary_dim) = checks::check_rope_table(OP, rope_table, layout)?;
         let st = storage::step(OP, step)?;
-        if let Some(p) = st
-            .layout
-            .max_position
-            .filter(|p| *p as usize >= max_positions)
-        {
-            return Err(OpError::InvalidBatch {
-                op: OP,
-                detail: format!("position {p} past the RoPE table's {max_positions} positions"),
-            });
-        }
+        checks::check_positions(OP, st.layout.max_position, max_positions)?;
         let base = storage::tensor_bf16(OP, "qkv", qkv)?;
         let width = u32_of(OP, "qkv width", layout.qkv_width())?;
         let args = [
@@ -534,14 +399,7 @@ impl Backend for CudaBackend {
         const OP: &str = "kv_write";
         self.bind(OP)?;
         check_layout(OP, layout)?;
-        expect_2d(
-            OP,
-            "qkv",
-            qkv.shape(),
-            step.num_tokens(),
-            layout.qkv_width(),
-        )?;
-        check_kv_layer(OP, kv, layer, layout)?;
+        checks::check_kv_write(OP, qkv, layout, kv, layer, step)?;
         let st = storage::step(OP, step)?;
         let cache = storage::kv(OP, kv)?;
         let stream = &self.dev.stream;
@@ -578,15 +436,7 @@ impl Backend for CudaBackend {
         const OP: &str = "attention";
         self.bind(OP)?;
         let head_dim = check_layout(OP, layout)?;
-        expect_2d(
-            OP,
-            "qkv",
-            qkv.shape(),
-            step.num_tokens(),
-            layout.qkv_width(),
-        )?;
-        expect_2d(OP, "out", out.shape(), step.num_tokens(), layout.q_width())?;
-        check_kv_layer(OP, kv, layer, layout)?;
+        checks::check_attention(OP, qkv, layout, kv, layer, step, out)?;
         let st = storage::step(OP, step)?;
         let cache = storage::kv(OP, kv)?;
         let q = storage::tensor_bf16(OP, "qkv", qkv)?;
@@ -690,17 +540,8 @@ impl Backend for CudaBackend {
     fn silu_mul(&mut self, gate_up: &Tensor, out: &mut Tensor) -> Result<(), OpError> {
         const OP: &str = "silu_mul";
         self.bind(OP)?;
-        let (rows, double) = dims_2d(OP, "gate_up", gate_up.shape())?;
-        if double % 2 != 0 {
-            return Err(OpError::shape(
-                OP,
-                "gate_up",
-                "[rows, 2 * n]",
-                gate_up.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), rows, double / 2)?;
-        let inter = u32_of(OP, "intermediate", double / 2)?;
+        let (rows, inter) = checks::check_silu_mul(OP, gate_up, out)?;
+        let inter = u32_of(OP, "intermediate", inter)?;
         let args = [
             Arg::Ptr(storage::tensor_bf16(OP, "gate_up", gate_up)?),
             Arg::Ptr(storage::tensor_bf16(OP, "out", out)?),
@@ -722,16 +563,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), OpError> {
         const OP: &str = "gather_rows";
         self.bind(OP)?;
-        let (rows, cols) = dims_2d(OP, "x", x.shape())?;
-        if rows != step.num_tokens() {
-            return Err(OpError::shape(
-                OP,
-                "x",
-                format!("[{}, _]", step.num_tokens()),
-                x.shape(),
-            ));
-        }
-        expect_2d(OP, "out", out.shape(), step.num_logits_rows(), cols)?;
+        let (rows, cols) = checks::check_gather_rows(OP, x, step, out)?;
         let st = storage::step(OP, step)?;
         // The embedding gather with the activations as the table.
         let args = [

@@ -9,11 +9,11 @@
 //! weight); ties at a threshold are kept; the token is the first id, in id order, whose
 //! running kept weight exceeds `uniform * total`. Logprobs are `log_softmax` of the raw logits.
 
-use allam_backend::{DType, Error as OpError, Tensor};
+use allam_backend::{checks, DType, Error as OpError, Tensor};
 use allam_kernels::geometry::{self, SAMPLE_MAX_TOP};
 use allam_kernels::Kernel;
 
-use crate::storage::{self, dims_2d, raw, DevBuf};
+use crate::storage::{self, raw, DevBuf};
 use crate::{device_err, Arg, CudaBackend};
 
 /// One row's sampling parameters. `uniform` is the caller's seeded draw in [0, 1).
@@ -59,7 +59,7 @@ impl CudaBackend {
     ) -> Result<Vec<SampledToken>, OpError> {
         const OP: &str = "sample";
         self.bind(OP)?;
-        let (n_rows, vocab) = dims_2d(OP, "logits", logits.shape())?;
+        let (n_rows, vocab) = checks::dims_2d(OP, "logits", logits.shape())?;
         if n_rows != rows.len() {
             return Err(OpError::shape(
                 OP,

@@ -5,7 +5,7 @@
 //! pointer taken from a `CudaSlice` is valid for any work queued on that stream while the
 //! slice is alive, and stream order is the only synchronization needed.
 
-use allam_backend::{DType, Error, KvCache, PreparedStep, Tensor, Weight};
+use allam_backend::{checks, DType, Error, KvCache, PreparedStep, Tensor, Weight};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 
@@ -60,11 +60,7 @@ impl CudaStep {
 }
 
 fn foreign(op: &'static str, operand: &'static str) -> Error {
-    Error::ForeignHandle {
-        op,
-        operand,
-        backend: BACKEND_NAME,
-    }
+    checks::foreign(op, operand, BACKEND_NAME)
 }
 
 fn dtype_err(op: &'static str, operand: &'static str, expected: &str, actual: DType) -> Error {
@@ -131,36 +127,4 @@ pub(crate) fn kv<'a>(op: &'static str, kv: &'a KvCache) -> Result<&'a CudaKv, Er
 pub(crate) fn step<'a>(op: &'static str, step: &'a PreparedStep) -> Result<&'a CudaStep, Error> {
     step.storage::<CudaStep>()
         .ok_or_else(|| foreign(op, "step"))
-}
-
-/// Checks that `shape` is exactly `[rows, cols]`.
-pub(crate) fn expect_2d(
-    op: &'static str,
-    operand: &'static str,
-    shape: &[usize],
-    rows: usize,
-    cols: usize,
-) -> Result<(), Error> {
-    if shape == [rows, cols] {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            op,
-            operand,
-            format!("[{rows}, {cols}]"),
-            shape,
-        ))
-    }
-}
-
-/// `(rows, cols)` of a 2-D shape.
-pub(crate) fn dims_2d(
-    op: &'static str,
-    operand: &'static str,
-    shape: &[usize],
-) -> Result<(usize, usize), Error> {
-    match shape {
-        [rows, cols] => Ok((*rows, *cols)),
-        _ => Err(Error::shape(op, operand, "[rows, cols]", shape)),
-    }
 }

@@ -315,10 +315,7 @@ pub fn check_positions(
     positions: impl IntoIterator<Item = u32>,
     max_positions: usize,
 ) -> Result<(), Error> {
-    if let Some(p) = positions
-        .into_iter()
-        .find(|p| *p as usize >= max_positions)
-    {
+    if let Some(p) = positions.into_iter().find(|p| *p as usize >= max_positions) {
         return Err(Error::InvalidBatch {
             op,
             detail: format!("position {p} past the RoPE table's {max_positions} positions"),
@@ -390,7 +387,12 @@ pub fn check_silu_mul(
 ) -> Result<(usize, usize), Error> {
     let (rows, double) = dims_2d(op, "gate_up", gate_up.shape())?;
     if double % 2 != 0 {
-        return Err(Error::shape(op, "gate_up", "[rows, 2 * n]", gate_up.shape()));
+        return Err(Error::shape(
+            op,
+            "gate_up",
+            "[rows, 2 * n]",
+            gate_up.shape(),
+        ));
     }
     expect_2d(op, "out", out.shape(), rows, double / 2)?;
     Ok((rows, double / 2))

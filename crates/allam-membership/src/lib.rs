@@ -6,6 +6,8 @@
 //!   backoff + jitter, and revoked by [`Registration::deregister`] (first step of SIGTERM).
 //! - A router follows the prefix with [`MembershipWatcher`], which publishes sorted snapshots
 //!   and keeps the last known one while etcd is unreachable.
+//! - A tensor-parallel group's rank 0 publishes its rendezvous address with
+//!   [`RendezvousKey::publish`]; the other ranks find it with [`wait_for_rendezvous`].
 //! - `testing` (feature): a real etcd member for tests.
 //!
 //! Invariant: a group is a member exactly while its key exists; nothing but the lease decides.
@@ -14,6 +16,7 @@ mod backoff;
 mod error;
 mod info;
 mod registration;
+mod rendezvous;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod watcher;
@@ -21,4 +24,5 @@ mod watcher;
 pub use error::Error;
 pub use info::{group_key, EtcdConfig, WorkerGroupInfo, DEFAULT_TTL, WORKERS_PREFIX};
 pub use registration::{Registration, RegistrationConfig, RegistrationState};
+pub use rendezvous::{wait_for_rendezvous, RendezvousKey, RENDEZVOUS_PREFIX};
 pub use watcher::MembershipWatcher;
