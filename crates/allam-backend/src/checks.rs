@@ -200,13 +200,26 @@ pub fn check_token_ids(
     ids: impl IntoIterator<Item = u32>,
     vocab_size: usize,
 ) -> Result<(), Error> {
-    if let Some(id) = ids.into_iter().find(|id| *id as usize >= vocab_size) {
-        return Err(Error::InvalidBatch {
+    first_in_range(op, ids, vocab_size, |id| {
+        format!("token id {id} outside the vocabulary of {vocab_size}")
+    })
+}
+
+/// Ok when every one of `values` is below `limit`; else `Error::InvalidBatch` with `detail` of
+/// the first that is not.
+fn first_in_range(
+    op: &'static str,
+    values: impl IntoIterator<Item = u32>,
+    limit: usize,
+    detail: impl FnOnce(u32) -> String,
+) -> Result<(), Error> {
+    match values.into_iter().find(|v| *v as usize >= limit) {
+        Some(v) => Err(Error::InvalidBatch {
             op,
-            detail: format!("token id {id} outside the vocabulary of {vocab_size}"),
-        });
+            detail: detail(v),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn expect_norm_weight(op: &'static str, weight: &Weight, hidden: usize) -> Result<(), Error> {
@@ -315,13 +328,9 @@ pub fn check_positions(
     positions: impl IntoIterator<Item = u32>,
     max_positions: usize,
 ) -> Result<(), Error> {
-    if let Some(p) = positions.into_iter().find(|p| *p as usize >= max_positions) {
-        return Err(Error::InvalidBatch {
-            op,
-            detail: format!("position {p} past the RoPE table's {max_positions} positions"),
-        });
-    }
-    Ok(())
+    first_in_range(op, positions, max_positions, |p| {
+        format!("position {p} past the RoPE table's {max_positions} positions")
+    })
 }
 
 /// `kv_write` and `attention`: `layer` exists in the cache, whose heads match `layout`.
