@@ -383,6 +383,16 @@ async fn shutdown_lets_running_requests_finish_then_returns() {
         Some(Event::Started(_)) => {}
         other => panic!("expected Started, got {other:?}"),
     }
+    // `Started` means admitted, not scheduled: a drain fails still-waiting requests as
+    // retryable by design. Wait for the first token, so the request is surely running.
+    let first = stream.message().await.expect("event").and_then(|e| e.event);
+    assert!(
+        !matches!(
+            first,
+            Some(Event::Finished(_)) | Some(Event::Failed(_)) | None
+        ),
+        "expected a token, got {first:?}"
+    );
     worker.stop.cancel();
     let events = collect(&mut stream).await;
     assert!(
