@@ -10,5 +10,5 @@ export ALLAM_PYTHON="${ALLAM_PYTHON:-${ALLAM_CACHE:-$HOME/.cache/allam-serve}/py
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 scripts/check-helm.sh

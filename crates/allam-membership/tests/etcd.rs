@@ -208,9 +208,20 @@ async fn etcd_restart_keeps_last_membership_and_reregisters() {
     // ...and the router noticed the outage but still routes on the last membership.
     let mut synced = watcher.subscribe();
     assert_eq!(names(&synced.borrow_and_update()), ["g0"]);
+    // The watcher finds out on its own schedule (HTTP/2 keepalive, 2 s + 2 s), which can
+    // trail the registration's lease expiry on a loaded machine: poll against a deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while watcher.is_synced() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         !watcher.is_synced(),
         "watcher must notice that etcd is gone"
+    );
+    assert_eq!(
+        names(&watcher.current()),
+        ["g0"],
+        "the last membership is kept"
     );
 
     etcd.restart().expect("restart etcd");
