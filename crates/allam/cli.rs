@@ -279,13 +279,13 @@ pub struct FrontArgs {
     /// Largest accepted HTTP body.
     #[arg(long, default_value = "4Mi", value_parser = parse_bytes, env = "ALLAM_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
-    /// PEM certificate chain for TLS on the public gRPC port (with `--tls-key`).
+    /// PEM certificate chain for TLS on the public gRPC and HTTP ports (with `--tls-key`).
     #[arg(long, env = "ALLAM_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `--tls-cert`.
     #[arg(long, env = "ALLAM_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// PEM CA: gRPC clients must present a certificate it signed (mutual TLS).
+    /// PEM CA: gRPC clients must present a certificate it signed (mutual TLS on gRPC).
     #[arg(long, env = "ALLAM_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// In-flight requests per worker group before new ones get 429 / RESOURCE_EXHAUSTED.

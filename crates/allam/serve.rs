@@ -138,10 +138,19 @@ pub async fn start_fronts(
         tls,
     ));
     let http_shutdown = shutdown.clone();
+    let http_tls = grpc_tls(front)?.map(|tls| allam_http::HttpTlsConfig {
+        cert_pem: tls.cert_pem,
+        key_pem: tls.key_pem,
+    });
     let http_task = tokio::spawn(async move {
-        allam_http::serve(http_state, http_listener, http_shutdown)
-            .await
-            .context("HTTP server")
+        match http_tls {
+            Some(tls) => allam_http::serve_tls(http_state, http_listener, tls, http_shutdown)
+                .await
+                .context("HTTPS server"),
+            None => allam_http::serve(http_state, http_listener, http_shutdown)
+                .await
+                .context("HTTP server"),
+        }
     });
     tracing::info!(%grpc_addr, %http_addr, "router listening (gRPC, HTTP)");
     Ok(Fronts {
@@ -162,7 +171,8 @@ async fn allam_router_serve(
         .context("gRPC server")
 }
 
-/// `--tls-cert`/`--tls-key` (and `--tls-client-ca` for mutual TLS) for the public gRPC port.
+/// `--tls-cert`/`--tls-key` (and `--tls-client-ca` for mutual TLS on gRPC) for the public
+/// ports; the HTTP port uses the same certificate.
 fn grpc_tls(front: &FrontArgs) -> anyhow::Result<Option<allam_router::TlsConfig>> {
     let (Some(cert), Some(key)) = (&front.tls_cert, &front.tls_key) else {
         return Ok(None);

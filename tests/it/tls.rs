@@ -1,5 +1,6 @@
-//! TLS on the public gRPC port: `allam serve --tls-cert --tls-key` with a throwaway
-//! certificate made in the test; a client that trusts it chats, a plaintext client cannot.
+//! TLS on the public ports: `allam serve --tls-cert --tls-key` with a throwaway certificate
+//! made in the test. Over gRPC and HTTPS a client that trusts it gets the golden answer; a
+//! plaintext client gets nothing.
 
 use allam_proto::v1::generation_client::GenerationClient;
 use allam_proto::v1::{ChatRequest, Message, SamplingParams};
@@ -74,4 +75,46 @@ fn serve_speaks_tls_on_the_grpc_port() {
         let result: Result<(), Box<dyn std::error::Error>> = plaintext.await;
         assert!(result.is_err(), "a plaintext client must not be served");
     });
+
+    // HTTPS with curl (a real client), trusting only the throwaway certificate.
+    let http = serve.http.trim_start_matches("http://");
+    let port = http.rsplit_once(':').map(|(_, p)| p).expect("port");
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "How do I prepare a cup of tea?"}],
+        "temperature": 0, "max_tokens": 24
+    });
+    let output = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--fail-with-body",
+            "--cacert",
+            cert.to_str().expect("utf-8"),
+            "--resolve",
+            &format!("localhost:{port}:127.0.0.1"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body.to_string(),
+            &format!("https://localhost:{port}/v1/chat/completions"),
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        goldens("tiny-allam")["cases"][0]["greedy"]["text"]
+    );
+    let plaintext = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://{http}/health")])
+        .output()
+        .expect("curl");
+    assert!(
+        !String::from_utf8_lossy(&plaintext.stdout).contains("ok") || !plaintext.status.success(),
+        "plaintext HTTP must not be served on a TLS port"
+    );
 }

@@ -68,6 +68,9 @@ pub enum Error {
     /// A server bug or an unexpected state; the detail is logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The HTTPS certificate or key cannot be used (from [`crate::serve_tls`]).
+    #[error("HTTPS configuration: {0}")]
+    Tls(String),
     /// Accepting or serving connections failed (from [`crate::serve`]).
     #[error("HTTP server on {addr}: {source}")]
     Serve {
@@ -95,7 +98,7 @@ impl Error {
             Error::NoWorkers => "no_workers",
             Error::Unavailable(_) => "unavailable",
             Error::DeadlineExceeded => "deadline_exceeded",
-            Error::Internal(_) | Error::Serve { .. } => "internal",
+            Error::Internal(_) | Error::Serve { .. } | Error::Tls(_) => "internal",
         }
     }
 
@@ -111,7 +114,9 @@ impl Error {
             Error::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Error::NoWorkers | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            Error::Internal(_) | Error::Serve { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Internal(_) | Error::Serve { .. } | Error::Tls(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -140,7 +145,7 @@ impl Error {
     /// The message a client sees: internal detail replaced by a generic sentence.
     fn public_message(&self) -> String {
         match self {
-            Error::Internal(_) | Error::Serve { .. } => {
+            Error::Internal(_) | Error::Serve { .. } | Error::Tls(_) => {
                 "internal server error; the details are in the server log".to_owned()
             }
             other => other.to_string(),

@@ -20,6 +20,7 @@ mod openai;
 mod request_metrics;
 mod routes;
 mod state;
+mod tls;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::Error;
 pub use state::{AppState, HttpConfig, DEFAULT_MAX_BODY_BYTES};
+pub use tls::{HttpTlsConfig, HANDSHAKE_TIMEOUT};
 
 /// All routes, with the body limit from the state's config.
 pub fn app(state: AppState) -> axum::Router {
@@ -97,6 +99,28 @@ pub async fn serve(
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
     });
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|source| Error::Serve { addr, source })
+}
+
+/// [`serve`] over HTTPS: the same app, connections accepted through TLS.
+pub async fn serve_tls(
+    state: AppState,
+    listener: TcpListener,
+    tls: HttpTlsConfig,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let acceptor = tls.acceptor()?;
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "<unknown address>".to_owned(), |addr| addr.to_string());
+    let listener = tls::TlsListener::new(listener, acceptor).map_err(|source| Error::Serve {
+        addr: addr.clone(),
+        source,
+    })?;
+    tracing::info!(%addr, "HTTPS API listening");
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

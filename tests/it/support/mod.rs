@@ -245,10 +245,20 @@ impl Serve {
             &[("ALLAM_CACHE", cache.to_str().expect("utf-8 temp path"))],
             dir.path(),
         );
-        let url = format!("http://{http}/ready");
+        let tls = extra.contains(&"--tls-cert");
+        let url = format!("{}://{http}/ready", if tls { "https" } else { "http" });
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if http_get_status(&url) == Some(200) {
+            let ready = if tls {
+                // Our test HTTP client has no TLS; curl checks readiness of an HTTPS front.
+                Command::new("curl")
+                    .args(["-sfk", "-o", "/dev/null", &url])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            } else {
+                http_get_status(&url) == Some(200)
+            };
+            if ready {
                 break;
             }
             if let Some(status) = proc.wait_exit(Duration::from_millis(200)) {
