@@ -293,6 +293,28 @@ pub struct FrontArgs {
     pub max_outstanding_per_group: usize,
 }
 
+/// Mutual TLS between routers and workers (PEM files). Both sides take the same three
+/// flags: the CA that signed the other side's certificates, and their own certificate + key.
+#[derive(Debug, Clone, Args)]
+pub struct InternalTlsArgs {
+    /// CA that signed the peers' certificates (router: the workers'; worker: the routers').
+    #[arg(long, env = "ALLAM_INTERNAL_TLS_CA", requires_all = ["internal_tls_cert", "internal_tls_key"])]
+    pub internal_tls_ca: Option<PathBuf>,
+    /// This process's certificate for router ↔ worker traffic.
+    #[arg(long, env = "ALLAM_INTERNAL_TLS_CERT", requires = "internal_tls_ca")]
+    pub internal_tls_cert: Option<PathBuf>,
+    /// The key of `--internal-tls-cert`.
+    #[arg(long, env = "ALLAM_INTERNAL_TLS_KEY", requires = "internal_tls_ca")]
+    pub internal_tls_key: Option<PathBuf>,
+    /// Router side: the name the workers' certificates are issued for.
+    #[arg(
+        long,
+        default_value = "allam-worker",
+        env = "ALLAM_INTERNAL_TLS_SERVER_NAME"
+    )]
+    pub internal_tls_server_name: String,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {
     #[arg(long, value_enum, default_value = "text", env = "ALLAM_LOG_FORMAT")]
@@ -339,6 +361,8 @@ pub struct RouterArgs {
     #[command(flatten)]
     pub front: FrontArgs,
     #[command(flatten)]
+    pub internal_tls: InternalTlsArgs,
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
     #[arg(long, default_value_t = 30, env = "ALLAM_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: u64,
@@ -381,6 +405,8 @@ pub struct WorkerArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub internal_tls: InternalTlsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }

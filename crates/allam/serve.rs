@@ -171,6 +171,32 @@ async fn allam_router_serve(
         .context("gRPC server")
 }
 
+/// The three `--internal-tls-*` files, read.
+struct InternalTlsPem {
+    ca_pem: Vec<u8>,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+/// `None` without the `--internal-tls-*` flags.
+fn internal_tls(args: &cli::InternalTlsArgs) -> anyhow::Result<Option<InternalTlsPem>> {
+    let (Some(ca), Some(cert), Some(key)) = (
+        &args.internal_tls_ca,
+        &args.internal_tls_cert,
+        &args.internal_tls_key,
+    ) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf, flag: &str| {
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+    };
+    Ok(Some(InternalTlsPem {
+        ca_pem: read(ca, "--internal-tls-ca")?,
+        cert_pem: read(cert, "--internal-tls-cert")?,
+        key_pem: read(key, "--internal-tls-key")?,
+    }))
+}
+
 /// `--tls-cert`/`--tls-key` (and `--tls-client-ca` for mutual TLS on gRPC) for the public
 /// ports; the HTTP port uses the same certificate.
 fn grpc_tls(front: &FrontArgs) -> anyhow::Result<Option<allam_router::TlsConfig>> {
@@ -412,7 +438,14 @@ pub fn router(args: RouterArgs) -> anyhow::Result<ExitCode> {
         let name = args.served_model_name.clone().unwrap_or(default_name);
         let watcher = MembershipWatcher::start(EtcdConfig::new(args.etcd.clone()))
             .context("watching etcd for worker groups")?;
-        let config = router_config(name, tokenizer.clone(), max_context, &args.front)?;
+        let mut config = router_config(name, tokenizer.clone(), max_context, &args.front)?;
+        config.worker_tls =
+            internal_tls(&args.internal_tls)?.map(|pem| allam_router::WorkerClientTls {
+                ca_pem: pem.ca_pem,
+                cert_pem: pem.cert_pem,
+                key_pem: pem.key_pem,
+                server_name: args.internal_tls.internal_tls_server_name.clone(),
+            });
         let router = Router::new(config, Membership::Etcd(watcher))
             .await
             .context("starting the router")?;
@@ -563,11 +596,25 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let advertise = args.advertise_addr.clone().unwrap_or_else(|| local.to_string());
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let worker_tls = internal_tls(&args.internal_tls)?;
+        let served_name = resolved.served_name.clone();
         tasks.push(tokio::spawn({
             let engine = started.engine.clone();
             let shutdown = shutdown.clone();
             async move {
-                allam_worker::serve_worker(engine, tokenizer, Limits::for_context(max_context), listener, shutdown)
+                let mut service =
+                    allam_worker::WorkerService::new(engine, tokenizer, Limits::for_context(max_context))
+                        .with_model_name(served_name)
+                        .with_tp(tp_size as u32);
+                if let Some(pem) = worker_tls {
+                    service = service.with_tls(allam_worker::WorkerServerTls {
+                        cert_pem: pem.cert_pem,
+                        key_pem: pem.key_pem,
+                        client_ca_pem: pem.ca_pem,
+                    });
+                }
+                service
+                    .serve(listener, shutdown)
                     .await
                     .context("worker gRPC server")
             }

@@ -5,6 +5,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod etcd_outage;
+mod fault_soak;
 mod local_cluster;
 mod otlp;
 mod soak;

@@ -19,15 +19,15 @@ use serde_json::{json, Value};
 use crate::support::{fixtures_dir, Serve};
 
 const STREAMS: usize = 256;
-const SEEDS: u64 = 32;
-const MAX_TOKENS: u32 = 16;
+pub(crate) const SEEDS: u64 = 32;
+pub(crate) const MAX_TOKENS: u32 = 16;
 
 /// What a request produced: text, finish reason, completion tokens.
 #[derive(Debug, Clone, PartialEq)]
-struct Answer {
-    text: String,
-    finish: String,
-    tokens: u64,
+pub(crate) struct Answer {
+    pub(crate) text: String,
+    pub(crate) finish: String,
+    pub(crate) tokens: u64,
 }
 
 fn soak_secs() -> u64 {
@@ -37,7 +37,7 @@ fn soak_secs() -> u64 {
         .unwrap_or(20)
 }
 
-fn request(seed: u64, stream: bool) -> Value {
+pub(crate) fn request(seed: u64, stream: bool) -> Value {
     let mut body = json!({
         "messages": [{"role": "user", "content": format!("Soak {seed}: how do I brew a good cup of tea?")}],
         "max_tokens": MAX_TOKENS, "temperature": 0.8, "top_p": 0.95, "seed": seed,
@@ -138,7 +138,7 @@ async fn streamed(client: &reqwest::Client, url: &str, seed: u64) -> Result<Answ
     Ok(answer)
 }
 
-async fn references(client: &reqwest::Client, url: &str) -> HashMap<u64, Answer> {
+pub(crate) async fn references(client: &reqwest::Client, url: &str) -> HashMap<u64, Answer> {
     let tasks: Vec<_> = (0..SEEDS)
         .map(|seed| {
             let (client, url) = (client.clone(), url.to_owned());

@@ -26,6 +26,19 @@ pub struct RouterConfig {
     pub worker_connect_timeout: Duration,
     /// Most prefix-cache block hashes asked from a group per poll.
     pub max_cached_hashes: u32,
+    /// Mutual TLS towards the worker groups; `None` = plaintext (loopback, trusted networks).
+    pub worker_tls: Option<WorkerClientTls>,
+}
+
+/// The router's side of mutual TLS with worker groups (PEM): the CA that signed the workers'
+/// certificates, and the router's own certificate and key, which the workers check.
+#[derive(Debug, Clone)]
+pub struct WorkerClientTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Name the workers' certificates are issued for (their SAN), checked on every dial.
+    pub server_name: String,
 }
 
 impl RouterConfig {
@@ -45,6 +58,7 @@ impl RouterConfig {
             load_poll_interval: Duration::from_millis(250),
             worker_connect_timeout: Duration::from_secs(1),
             max_cached_hashes: 4096,
+            worker_tls: None,
         }
     }
 }

@@ -194,6 +194,7 @@ pub(crate) struct GroupSettings {
     pub(crate) poll_interval: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_cached_hashes: u32,
+    pub(crate) worker_tls: Option<crate::WorkerClientTls>,
 }
 
 pub(crate) struct GroupTable {
@@ -265,7 +266,28 @@ impl GroupTable {
     }
 
     fn new_group(&self, info: &WorkerGroupInfo) -> Result<Arc<Group>, tonic::transport::Error> {
-        let endpoint = Endpoint::from_shared(with_scheme(&info.grpc_addr))?
+        let mut endpoint = match &self.settings.worker_tls {
+            // The registered address may say http://: with mutual TLS configured, every
+            // worker is dialled over TLS, never in plaintext.
+            Some(tls) => {
+                let addr = with_scheme(&info.grpc_addr);
+                let rest = addr
+                    .strip_prefix("http://")
+                    .or_else(|| addr.strip_prefix("https://"))
+                    .unwrap_or(&addr);
+                Endpoint::from_shared(format!("https://{rest}"))?.tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+                        .identity(tonic::transport::Identity::from_pem(
+                            &tls.cert_pem,
+                            &tls.key_pem,
+                        ))
+                        .domain_name(tls.server_name.clone()),
+                )?
+            }
+            None => Endpoint::from_shared(with_scheme(&info.grpc_addr))?,
+        };
+        endpoint = endpoint
             .connect_timeout(self.settings.connect_timeout)
             .tcp_nodelay(true)
             // Notice a silently dead group (no RST, e.g. a host crash) within seconds.

@@ -22,7 +22,9 @@ mod policy;
 mod router;
 
 pub use attempt::GenerationStream;
-pub use config::{GroupStatus, Membership, ModelInfo, RequestContext, RouterConfig, TlsConfig};
+pub use config::{
+    GroupStatus, Membership, ModelInfo, RequestContext, RouterConfig, TlsConfig, WorkerClientTls,
+};
 pub use error::Error;
 pub use grpc::serve_grpc;
 pub use policy::Health;

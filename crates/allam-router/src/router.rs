@@ -72,6 +72,7 @@ impl Router {
             poll_interval: config.load_poll_interval,
             connect_timeout: config.worker_connect_timeout,
             max_cached_hashes: config.max_cached_hashes,
+            worker_tls: config.worker_tls.clone(),
         });
         let stop = CancellationToken::new();
         let watcher = match membership {

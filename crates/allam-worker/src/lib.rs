@@ -10,4 +10,4 @@ mod service;
 pub mod tp;
 
 pub use error::Error;
-pub use service::{serve_worker, WorkerService};
+pub use service::{serve_worker, WorkerServerTls, WorkerService};

@@ -42,6 +42,16 @@ pub struct WorkerService {
     limits: Limits,
     model_name: String,
     tp: u32,
+    tls: Option<WorkerServerTls>,
+}
+
+/// The worker's side of mutual TLS with routers (PEM): its certificate and key, and the CA
+/// whose signature a router's client certificate must carry.
+#[derive(Debug, Clone)]
+pub struct WorkerServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Vec<u8>,
 }
 
 impl std::fmt::Debug for WorkerService {
@@ -77,7 +87,14 @@ impl WorkerService {
             limits,
             model_name: String::new(),
             tp: 1,
+            tls: None,
         }
+    }
+
+    /// Serve only routers that present a certificate signed by `tls.client_ca_pem`.
+    pub fn with_tls(mut self, tls: WorkerServerTls) -> WorkerService {
+        self.tls = Some(tls);
+        self
     }
 
     /// The model name reported in `Load` (routers warn when it differs from theirs).
@@ -117,8 +134,22 @@ impl WorkerService {
         // algorithm held streamed tokens back for up to ~40 ms (router_overhead bench).
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(
+                            &tls.cert_pem,
+                            &tls.key_pem,
+                        ))
+                        .client_ca_root(tonic::transport::Certificate::from_pem(
+                            &tls.client_ca_pem,
+                        )),
+                )
+                .map_err(|e| Error::Serve(format!("worker TLS config: {e}")))?;
+        }
+        builder
             .add_service(health_service)
             .add_service(WorkerServer::new(self))
             .serve_with_incoming_shutdown(incoming, on_shutdown)
