@@ -276,6 +276,10 @@ pub struct FrontArgs {
     /// File with one API key per line.
     #[arg(long, env = "ALLAM_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Require the API key on `/metrics` too (`/health` and `/ready` always stay open for
+    /// probes).
+    #[arg(long, env = "ALLAM_METRICS_REQUIRE_AUTH")]
+    pub metrics_require_auth: bool,
     /// Largest accepted HTTP body.
     #[arg(long, default_value = "4Mi", value_parser = parse_bytes, env = "ALLAM_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,

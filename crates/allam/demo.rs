@@ -42,6 +42,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_key: Vec::new(),
             api_key_file: None,
+            metrics_require_auth: false,
             max_body_bytes: 4 << 20,
             tls_cert: None,
             tls_key: None,

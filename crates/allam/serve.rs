@@ -126,7 +126,7 @@ pub async fn start_fronts(
         allam_http::HttpConfig {
             max_body_bytes: front.max_body_bytes,
             log_prompts,
-            ..allam_http::HttpConfig::default()
+            metrics_require_auth: front.metrics_require_auth,
         },
     )
     .with_token_pieces(move |id| tokenizer.id_to_token(id));
