@@ -35,9 +35,12 @@ pub(crate) fn check_params(
     let top_p = match raw.top_p {
         None => DEFAULT_TOP_P,
         Some(v) => {
+            // The range is checked on the f32 the sampler uses: 1e-92 is > 0 as an f64 but
+            // rounds to 0 as an f32 (found by the request_json fuzz target).
             let v = finite("top_p", v)?;
-            ensure(v > 0.0 && v <= 1.0, "top_p", "in (0, 1]", v)?;
-            v as f32
+            let used = v as f32;
+            ensure(used > 0.0 && used <= 1.0, "top_p", "in (0, 1]", v)?;
+            used
         }
     };
     let top_k = top_k(raw.top_k, limits, vocab_size)?;
@@ -52,9 +55,16 @@ pub(crate) fn check_params(
     let repetition_penalty = match raw.repetition_penalty {
         None => DEFAULT_REPETITION_PENALTY,
         Some(v) => {
+            // Checked as the f32 the sampler divides by (a tiny f64 rounds to 0).
             let v = finite("repetition_penalty", v)?;
-            ensure(v > 0.0, "repetition_penalty", "> 0", v)?;
-            v as f32
+            let used = v as f32;
+            ensure(
+                used > 0.0 && used.is_finite(),
+                "repetition_penalty",
+                "> 0",
+                v,
+            )?;
+            used
         }
     };
     let presence_penalty = penalty("presence_penalty", raw.presence_penalty)?;
@@ -290,7 +300,18 @@ fn ensure(ok: bool, field: &'static str, expected: &str, v: f64) -> Result<(), V
         Err(ValidationError::OutOfRange {
             field,
             expected: expected.to_owned(),
-            got: v.to_string(),
+            got: number_text(v),
         })
+    }
+}
+
+/// `1.5`, `0`, `-3` as usual, but `1e-92` rather than ninety zeros: the value goes into a
+/// message a person reads.
+fn number_text(v: f64) -> String {
+    let magnitude = v.abs();
+    if magnitude != 0.0 && !(1e-6..1e15).contains(&magnitude) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
     }
 }

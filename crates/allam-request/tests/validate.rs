@@ -179,6 +179,11 @@ fn rejects() -> Vec<Case> {
             Reject("top_p", "out_of_range", "`top_p` must be in (0, 1], got 1.5")),
         case("top_p zero", params(|p| p.top_p = Some(0.0)),
             Reject("top_p", "out_of_range", "`top_p` must be in (0, 1], got 0")),
+        // Regression: found by the request_json fuzz target; > 0 as f64, 0 as the f32 used.
+        case("top_p rounds to zero", params(|p| p.top_p = Some(1e-92)),
+            Reject("top_p", "out_of_range", "`top_p` must be in (0, 1], got 1e-92")),
+        case("repetition_penalty rounds to zero", params(|p| p.repetition_penalty = Some(1e-92)),
+            Reject("repetition_penalty", "out_of_range", "`repetition_penalty` must be > 0, got 1e-92")),
         case("top_p infinite", params(|p| p.top_p = Some(f64::INFINITY)),
             Reject("top_p", "out_of_range", "`top_p` must be a finite number, got inf")),
         case("top_k below -1", params(|p| p.top_k = Some(-2)),
