@@ -8,8 +8,9 @@
 //          is written as zeros, so summing the shards (all-reduce) gives the full embedding.
 // Launch: grid (n_out), block EMBEDDING_THREADS = 256 (geometry::embedding_launch). Any
 //   hidden; the 16-byte vector path is taken when hidden % 8 == 0.
-// CPU twin: allam_backend_cpu `embedding` (f32 table row copy; bf16 rounding is the only
-//   difference, and a bf16 table row is copied exactly).
+// CPU twin: allam_backend_cpu `embedding` (row_offset = 0) and `embedding_shard` (tp.rs, a
+//   vocabulary slice: the CUDA backend's `embedding_shard` passes its `vocab_start` as
+//   row_offset); f32 table row copies, and a bf16 table row is copied exactly.
 #include "bf16_math.cuh"
 
 extern "C" __global__ void embedding_gather_bf16(const bf16* __restrict__ table,

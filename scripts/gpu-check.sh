@@ -25,6 +25,18 @@
 #      ids identical up to the first step whose golden margin is < 0.5 (there the GPU token
 #      must be in the golden top-5, and comparison stops). The same requests on --device cpu
 #      are checked at 1e-3 / exact ids, which separates pipeline bugs from CUDA numerics.
+#   n. NCCL with one rank (world size 1; the lent machines have one GPU, so more ranks cannot
+#      run here): the stage-b golden requests again through a one-rank NCCL group,
+#          .gpu/allam generate --device cuda --dist-backend nccl --model ... --requests R.jsonl
+#      which joins NCCL (non-blocking init), runs every all-reduce through ncclAllReduce and
+#      waits for each step under the NCCL watchdog. Checked against stage b's plain CUDA
+#      output: prompt ids and greedy ids identical, logprobs within the same 0.5 (a one-rank
+#      sum is the identity, so the printed difference should be 0).
+#   g. CUDA graphs (--cuda-graphs, off by default until this stage passes): the stage-b golden
+#      requests again with decode steps replayed from graphs, checked against stage b's plain
+#      CUDA output like stage n (ids identical, logprobs within 0.5; graphs change only the
+#      split-K partitioning, so the printed difference should be tiny); then, after stage c,
+#      a short allam-7b run with graphs (batch-1 decode, concurrency 1,8,64) for the table.
 #   c. benchmark, allam-7b dummy preset, then transformers on the same GPU in the same run:
 #          .gpu/allam bench-engine --preset allam-7b --device cuda --ttft 128,512,2048 \
 #              --decode-tokens 256 --concurrency 1,8,64,256 --input-len 512 --output-len 128 \
@@ -228,6 +240,92 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------
+# n. NCCL, one rank, against stage b's plain CUDA run
+compare_runs() {  # $1 plain cuda output, $2 other output (JSON lines), $3 label
+    python3 - "$1" "$2" "${3:-NCCL}" <<'PY'
+import json, sys
+def load(path):
+    return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
+plain, nccl = load(sys.argv[1]), load(sys.argv[2])
+label = sys.argv[3]
+tol = 0.5
+if not plain or len(plain) != len(nccl):
+    print(f"  {len(nccl)} {label} results for {len(plain)} plain CUDA results"); sys.exit(1)
+ok_all, worst = True, 0.0
+for i, (p, n) in enumerate(zip(plain, nccl)):
+    msgs = []
+    if p["prompt_token_ids"] != n["prompt_token_ids"]:
+        msgs.append("prompt ids differ")
+    if p["token_ids"] != n["token_ids"]:
+        s = next((k for k, (a, b) in enumerate(zip(p["token_ids"], n["token_ids"])) if a != b), min(len(p["token_ids"]), len(n["token_ids"])))
+        msgs.append(f"greedy ids differ from step {s}")
+    err = 0.0
+    for a, b in zip(p.get("logprobs") or [], n.get("logprobs") or []):
+        err = max(err, abs(a["logprob"] - b["logprob"]))
+        err = max([err] + [abs(x["logprob"] - y["logprob"]) for x, y in zip(a["top"], b["top"])])
+    for a, b in zip(p.get("prompt_logprobs") or [], n.get("prompt_logprobs") or []):
+        if a is not None and b is not None:
+            err = max(err, abs(a["logprob"] - b["logprob"]))
+    if err > tol:
+        msgs.append(f"logprobs differ by {err:.4f}")
+    worst = max(worst, err)
+    ok_all &= not msgs
+    print(f"  {'PASS' if not msgs else 'FAIL'} request {i:<3} max logprob diff {err:.6f} {'; '.join(msgs)}")
+print(f"  largest logprob difference {label} vs plain CUDA: {worst:.6f}")
+sys.exit(0 if ok_all else 1)
+PY
+}
+if [[ -x $ALLAM && -d $FIX ]] && "$ALLAM" generate --help 2>/dev/null | grep -q -- '--dist-backend'; then
+    nccl_ok=1
+    for model in tiny-allam tiny-allam-gqa; do
+        req=$RES/goldens-$model.jsonl
+        plain=$RES/goldens-$model-cuda.out
+        [[ -s $req && -s $plain ]] || { log "stage n: no stage-b CUDA output for $model to compare with"; nccl_ok=0; continue; }
+        lim=$(stage_limit 15)
+        log "stage n: $model through a one-rank NCCL group (limit ${lim}s)"
+        NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout "$lim" "$ALLAM" generate --device cuda --dist-backend nccl \
+            --model "$FIX/$model" --requests "$req" >"$RES/nccl-$model.out" 2>"$RES/nccl-$model.log"
+        rc=$?
+        grep -E 'NCCL (communicator|version)|NCCL INFO|NCCL WARN' "$RES/nccl-$model.log" | head -5 >&2
+        if [[ $rc != 0 ]]; then
+            log "generate --dist-backend nccl failed (exit $rc):"; tail -5 "$RES/nccl-$model.log" >&2
+            nccl_ok=0; continue
+        fi
+        compare_runs "$plain" "$RES/nccl-$model.out" NCCL | tee "$RES/nccl-$model.check" >&2
+        [[ ${PIPESTATUS[0]} == 0 ]] || nccl_ok=0
+    done
+    STATUS+=("n. NCCL world size 1 (tiny-allam, tiny-allam-gqa) vs plain CUDA: $([[ $nccl_ok == 1 ]] && echo PASS || echo FAIL)")
+else
+    STATUS+=("n. NCCL world size 1: NOT RUN (no binary, no fixtures, or no --dist-backend in this build)")
+fi
+
+# ------------------------------------------------------------------------------------------
+# g. CUDA graphs against stage b's plain CUDA run
+if [[ -x $ALLAM && -d $FIX ]] && "$ALLAM" generate --help 2>/dev/null | grep -q -- '--cuda-graphs'; then
+    graphs_ok=1
+    for model in tiny-allam tiny-allam-gqa; do
+        req=$RES/goldens-$model.jsonl
+        plain=$RES/goldens-$model-cuda.out
+        [[ -s $req && -s $plain ]] || { log "stage g: no stage-b CUDA output for $model to compare with"; graphs_ok=0; continue; }
+        lim=$(stage_limit 20)
+        log "stage g: $model with CUDA graphs (limit ${lim}s)"
+        RUST_LOG=${RUST_LOG:-allam_backend_cuda=debug,info} timeout "$lim" "$ALLAM" generate --device cuda --cuda-graphs \
+            --model "$FIX/$model" --requests "$req" >"$RES/graphs-$model.out" 2>"$RES/graphs-$model.log"
+        rc=$?
+        grep -E 'decode graph' "$RES/graphs-$model.log" | sort | uniq -c | head -8 >&2
+        if [[ $rc != 0 ]]; then
+            log "generate --cuda-graphs failed (exit $rc):"; tail -5 "$RES/graphs-$model.log" >&2
+            graphs_ok=0; continue
+        fi
+        compare_runs "$plain" "$RES/graphs-$model.out" "CUDA graphs" | tee "$RES/graphs-$model.check" >&2
+        [[ ${PIPESTATUS[0]} == 0 ]] || graphs_ok=0
+    done
+    STATUS+=("g. CUDA graphs (tiny-allam, tiny-allam-gqa) vs plain CUDA: $([[ $graphs_ok == 1 ]] && echo PASS || echo FAIL)")
+else
+    STATUS+=("g. CUDA graphs: NOT RUN (no binary, no fixtures, or no --cuda-graphs in this build)")
+fi
+
+# ------------------------------------------------------------------------------------------
 # c. benchmark: allam-serve, then transformers on the same GPU
 if has_cmd bench-engine; then
     lim=$(stage_limit 150)
@@ -252,6 +350,16 @@ if [[ -e $GPU_DIR/hf_baseline.py ]]; then
     STATUS+=("c. transformers baseline: $([[ $rc == 0 ]] && echo done || echo "FAIL (exit $rc, see bench-hf.log)")")
 else
     STATUS+=("c. transformers baseline: NOT RUN (no .gpu/hf_baseline.py)")
+fi
+
+if has_cmd bench-engine && "$ALLAM" bench-engine --help 2>/dev/null | grep -q -- '--cuda-graphs'; then
+    lim=$(stage_limit 60)
+    log "stage g: allam bench allam-7b with CUDA graphs (limit ${lim}s)"
+    timeout "$lim" "$ALLAM" bench-engine --preset allam-7b --device cuda --cuda-graphs --kv-cache-memory 40Gi \
+        --max-num-seqs 64 --ttft 128 --decode-tokens 256 --concurrency 1,8,64 --input-len 512 --output-len 128 \
+        --json "$RES/bench-allam-graphs.json" >"$RES/bench-allam-graphs.log" 2>&1
+    rc=$?
+    STATUS+=("g. allam bench with CUDA graphs: $([[ $rc == 0 ]] && echo done || echo "FAIL (exit $rc, see bench-allam-graphs.log)")")
 fi
 
 # ------------------------------------------------------------------------------------------
@@ -295,6 +403,11 @@ for n in ("128", "512", "2048"):
     print(row(f"TTFT {n}-token prompt (ms, lower is better)", a.get("ttft_ms", {}).get(n), h.get("ttft_ms", {}).get(n), higher_better=False))
 for b in ("1", "8", "64", "256"):
     print(row(f"output tok/s, concurrency {b}, 512 in / 128 out", a.get("throughput_out_tok_s", {}).get(b), h.get("throughput_out_tok_s", {}).get(b)))
+g = load("bench-allam-graphs.json")
+if g:
+    print(row("batch-1 decode tok/s, CUDA graphs", g.get("batch1_decode_tok_s"), hd))
+    for b in ("1", "8", "64"):
+        print(row(f"output tok/s, concurrency {b}, CUDA graphs", g.get("throughput_out_tok_s", {}).get(b), h.get("throughput_out_tok_s", {}).get(b)))
 PY
 cat "$RES/report.md"
 log "done in $((SECONDS - START))s; results in $RES"

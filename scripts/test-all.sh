@@ -7,6 +7,12 @@ scripts/install-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/allam-serve/target}"
 eval "$(scripts/install-nvrtc.sh --print-env)"
 export ALLAM_PYTHON="${ALLAM_PYTHON:-${ALLAM_CACHE:-$HOME/.cache/allam-serve}/pyclients/bin/python}"
+# Tests find the fixtures at <workspace>/../shared/fixtures through a path compiled into them;
+# a test binary reused from a build cache another clone filled would look in that clone, so
+# name this clone's fixtures at run time.
+if [[ -z ${ALLAM_FIXTURES:-} && -d ../shared/fixtures ]]; then
+    export ALLAM_FIXTURES="$(cd ../shared/fixtures && pwd)"
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

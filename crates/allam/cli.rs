@@ -188,9 +188,19 @@ pub struct ModelArgs {
     #[arg(long)]
     pub progress: bool,
     /// Tensor-parallel ranks: this process is rank 0 and starts ranks 1..N as child
-    /// processes on this machine (CPU; N must divide the attention heads).
+    /// processes on this machine (N must divide the attention heads). With `--device
+    /// cuda:B` rank r uses GPU cuda:B+r and the ranks combine results through NCCL.
     #[arg(long, default_value_t = 1, env = "ALLAM_TP")]
     pub tp: usize,
+    /// Replay decode steps from CUDA graphs captured once per batch size (up to
+    /// --cuda-graph-max-batch sequences), which removes per-kernel launch cost at small
+    /// batches. Needs --device cuda and --tp 1. Off by default until scripts/gpu-check.sh has
+    /// verified it on a GPU.
+    #[arg(long, env = "ALLAM_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
+    /// Largest decode batch replayed from a CUDA graph; larger batches run eagerly.
+    #[arg(long, default_value_t = 256, env = "ALLAM_CUDA_GRAPH_MAX_BATCH")]
+    pub cuda_graph_max_batch: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -262,6 +272,17 @@ pub struct GenerateArgs {
     /// Print one JSON object per request.
     #[arg(long)]
     pub json: bool,
+    /// Collectives of the tensor-parallel group (torch.distributed's `backend`): `auto` =
+    /// NCCL between GPUs, TCP between CPU ranks; `nccl` also runs `--device cuda --tp 1` as a
+    /// one-rank NCCL group, which checks the NCCL path on a machine with one GPU.
+    #[arg(long, value_enum, default_value = "auto", env = "ALLAM_DIST_BACKEND")]
+    pub dist_backend: DistBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DistBackend {
+    Auto,
+    Nccl,
 }
 
 #[derive(Debug, Clone, Args)]

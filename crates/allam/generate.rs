@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 
 use allam_request::{ChatMessage, Limits, PromptInput, RawRequest, RawSamplingParams};
 use allam_types::{EngineEvent, FinishReason, StepLogprobs};
+use allam_worker::group::Collectives;
 
-use crate::cli::{GenerateArgs, SamplingArgs};
+use crate::cli::{DistBackend, GenerateArgs, SamplingArgs};
 use crate::model_source;
 
 /// One request as a `--requests` line; the same names as the flags.
@@ -197,8 +198,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let resolved = model_source::resolve(&args.model)?;
     let group = model_source::group_config(&resolved, &args.model, &args.engine)?;
     let tokenizer = resolved.tokenizer.clone();
-    let started = allam_worker::group::start_group(&group, resolved.tokenizer.clone())
-        .context("starting the engine")?;
+    let collectives = match args.dist_backend {
+        DistBackend::Auto => Collectives::Auto,
+        DistBackend::Nccl if args.model.device == "cpu" => {
+            bail!("--dist-backend nccl needs --device cuda (CPU ranks exchange results over TCP)")
+        }
+        DistBackend::Nccl => Collectives::Nccl,
+    };
+    let started =
+        allam_worker::group::start_group_with(&group, resolved.tokenizer.clone(), collectives)
+            .context("starting the engine")?;
     let limits = Limits::for_context(started.model_config.max_position_embeddings as u32);
 
     // Validate and submit everything first: the engine batches whatever is in flight.

@@ -171,12 +171,29 @@ pub fn group_config(
     } else {
         TpConfig::single()
     };
+    let cuda_graphs = if model.cuda_graphs {
+        if device == Device::Cpu {
+            bail!("--cuda-graphs needs --device cuda (the CPU backend runs every step eagerly)");
+        }
+        if model.tp > 1 {
+            bail!("--cuda-graphs works with --tp 1 only (collectives are not captured yet)");
+        }
+        if model.cuda_graph_max_batch == 0 {
+            bail!("--cuda-graph-max-batch must be at least 1");
+        }
+        Some(allam_backend_cuda::CudaGraphOptions {
+            max_batch: model.cuda_graph_max_batch,
+        })
+    } else {
+        None
+    };
     Ok(GroupConfig {
         weights: resolved.weights.clone(),
         device,
         engine: engine_config(engine),
         progress: resolved.progress,
         tp,
+        cuda_graphs,
     })
 }
 

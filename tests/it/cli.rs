@@ -161,6 +161,46 @@ fn cuda_without_a_gpu_fails_with_one_sentence() {
     assert!(stderr.to_lowercase().contains("cuda"), "{stderr}");
 }
 
+/// `--cuda-graphs` combinations that cannot work are refused before anything loads, with
+/// the flag named; on this machine (no GPU) the valid combination fails only for the GPU.
+#[test]
+fn cuda_graph_flags_are_checked() {
+    let model = fixtures_dir().join("tiny-allam");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--user",
+            "hi",
+            "--cuda-graphs",
+        ];
+        args.extend_from_slice(extra);
+        let output = Command::new(allam_bin())
+            .args(&args)
+            .output()
+            .expect("run allam");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = run(&["--device", "cpu"]);
+    assert!(
+        !ok && stderr.contains("--cuda-graphs needs --device cuda"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(&["--device", "cuda", "--tp", "2"]);
+    assert!(!ok && stderr.contains("--tp 1 only"), "{stderr}");
+    let (ok, stderr) = run(&["--device", "cuda", "--cuda-graph-max-batch", "0"]);
+    assert!(!ok && stderr.contains("--cuda-graph-max-batch"), "{stderr}");
+    let (ok, stderr) = run(&["--device", "cuda"]);
+    if !ok {
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!stderr.contains("--cuda-graphs"), "{stderr}");
+    }
+}
+
 #[test]
 fn synth_model_writes_a_loadable_checkpoint() {
     let dir = tempfile::tempdir().expect("temp dir");

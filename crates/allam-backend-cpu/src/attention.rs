@@ -47,6 +47,9 @@ pub(crate) fn kv_write(
     let q_w = layout.q_width();
     let kv_w = layout.kv_width();
     for (row, slot) in qkv.chunks_exact(width).zip(slots) {
+        if *slot == allam_backend::PAD_SLOT {
+            continue;
+        }
         let dst = *slot as usize * kv_w;
         k_cache[dst..dst + kv_w].copy_from_slice(&row[q_w..q_w + kv_w]);
         v_cache[dst..dst + kv_w].copy_from_slice(&row[q_w + kv_w..q_w + 2 * kv_w]);

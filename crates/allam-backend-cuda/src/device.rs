@@ -52,14 +52,19 @@ pub(crate) fn check_libraries() -> Result<(), Error> {
     Ok(())
 }
 
+/// GPUs the driver reports; call after [`check_libraries`].
+pub(crate) fn device_count() -> Result<usize, Error> {
+    match CudaContext::device_count() {
+        Ok(n) => Ok(n.max(0) as usize),
+        // cuInit answers CUDA_ERROR_NO_DEVICE when the driver sees no GPU.
+        Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        Err(e) => Err(Error::driver("initialising the CUDA driver", e)),
+    }
+}
+
 pub(crate) fn open(ordinal: usize, nvrtc: &NvrtcConfig) -> Result<Device, Error> {
     check_libraries()?;
-    let count = match CudaContext::device_count() {
-        Ok(n) => n.max(0) as usize,
-        // cuInit answers CUDA_ERROR_NO_DEVICE when the driver sees no GPU.
-        Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => 0,
-        Err(e) => return Err(Error::driver("initialising the CUDA driver", e)),
-    };
+    let count = device_count()?;
     if ordinal >= count {
         return Err(Error::NoDevice { ordinal, count });
     }

@@ -1,4 +1,4 @@
-//! Errors of bringing up the CUDA backend (driver, GPU, cuBLAS, kernels). Op failures after
+//! Errors of bringing up the CUDA backend (driver, GPU, cuBLAS, kernels, NCCL). Op failures after
 //! construction use `allam_backend::Error`, the type the `Backend` trait returns.
 //! Each message is one sentence an operator can act on; none of them is a panic.
 
@@ -40,6 +40,27 @@ pub enum Error {
     /// A backend op failed outside a single check (self-check set-up).
     #[error("self-check set-up: {0}")]
     Op(#[from] allam_backend::Error),
+    /// libnccl is not loadable (cudarc looks for `libnccl.so`, the PyPI wheel ships only
+    /// `libnccl.so.2`).
+    #[error("NCCL (libnccl.so) not found: tensor parallelism on --device cuda needs it; install the nvidia-nccl-cu{cuda_major} wheel and put a libnccl.so symlink to its libnccl.so.2 in a directory on LD_LIBRARY_PATH, or use --tp 1")]
+    NcclMissing { cuda_major: i32 },
+    /// The NCCL found is older than the non-blocking communicator API this backend needs.
+    #[error("the NCCL library found lacks `{symbol}`: tensor parallelism on --device cuda needs NCCL 2.14 or newer on LD_LIBRARY_PATH")]
+    NcclTooOld { symbol: &'static str },
+    /// A tensor-parallel group wants more GPUs than the driver reports.
+    #[error("--tp {world_size} on cuda:{base} needs GPUs {base}..={last} (rank r uses cuda:{base}+r) but the driver reports {count}; lower --tp or the device ordinal")]
+    NotEnoughGpus {
+        base: usize,
+        world_size: usize,
+        last: usize,
+        count: usize,
+    },
+    /// Bytes that should be an NCCL unique id are not one.
+    #[error("an NCCL unique id is {expected} bytes, got {actual}: the ranks run different allam builds or the exchange was corrupted")]
+    NcclId { expected: usize, actual: usize },
+    /// Creating or joining the NCCL communicator failed or timed out.
+    #[error("NCCL failed while {what}: {message}")]
+    Nccl { what: String, message: String },
 }
 
 impl Error {
@@ -54,6 +75,11 @@ impl Error {
             Error::Kernels(_) => "kernels",
             Error::CpuReference(_) => "cpu_reference",
             Error::Op(_) => "op",
+            Error::NcclMissing { .. } => "nccl_missing",
+            Error::NcclTooOld { .. } => "nccl_too_old",
+            Error::NotEnoughGpus { .. } => "not_enough_gpus",
+            Error::NcclId { .. } => "nccl_id",
+            Error::Nccl { .. } => "nccl",
         }
     }
 

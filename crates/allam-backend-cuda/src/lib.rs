@@ -10,6 +10,14 @@
 //! one-sentence [`Error`] instead of cudarc's panic. Kernels are compiled by NVRTC at start
 //! for the device's arch and cached on disk (see allam-kernels).
 //!
+//! Tensor parallelism: [`CudaBackend::join_nccl`] makes a backend one rank of an NCCL group
+//! (one GPU per rank; rank 0 makes the group's [`NcclId`] and the others get its bytes over
+//! any channel). The model then loads only this rank's slices, `all_reduce_sum` and
+//! `all_gather_cols` run as NCCL collectives on the backend's stream, and the host's waits
+//! for the device (`to_host_f32`, `sample`, `synchronize`) go through a watchdog that turns a
+//! dead or hung peer into `Error::Collective` after the group's timeout (see `nccl.rs`).
+//! [`check_tp_devices`] checks a machine for a group before anything starts.
+//!
 //! [`selftest`] checks every op against the CPU twin (`allam-backend-cpu`) on random inputs;
 //! `allam gpu-selftest` runs it on the GPU machine.
 
@@ -17,12 +25,17 @@ mod convert;
 mod device;
 mod error;
 mod gemm;
+mod graph;
+mod nccl;
 mod ops;
 mod sampling;
 mod selftest;
 mod selftest_cases;
 mod step;
 mod storage;
+mod tp;
+
+use std::time::Duration;
 
 use allam_backend::{DType, Error as OpError, Tensor};
 use allam_kernels::geometry::Launch;
@@ -31,10 +44,11 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 pub use allam_kernels::CacheOutcome;
 pub use error::Error;
-pub use sampling::{DeviceSampling, SampledToken};
+pub use graph::CudaGraphOptions;
+pub use nccl::{check_nccl, NcclId, NCCL_ID_BYTES};
 pub use selftest::{selftest, selftest_with_config, OpCheck};
 
-use storage::{CudaTensor, DevBuf, BACKEND_NAME};
+use storage::{CudaTensor, BACKEND_NAME};
 
 /// Construction options of a [`CudaBackend`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,6 +58,8 @@ pub struct CudaBackendConfig {
     /// Where NVRTC, the CUDA headers and the PTX cache are ([`NvrtcConfig::from_env`] reads
     /// `ALLAM_NVRTC_LIB_DIR`, `ALLAM_CUDA_INCLUDE_DIR`, `ALLAM_PTX_CACHE_DIR`).
     pub nvrtc: NvrtcConfig,
+    /// Replay decode steps from CUDA graphs (`--cuda-graphs`); `None` runs every step eagerly.
+    pub cuda_graphs: Option<CudaGraphOptions>,
 }
 
 impl CudaBackendConfig {
@@ -52,15 +68,21 @@ impl CudaBackendConfig {
         CudaBackendConfig {
             device_ordinal,
             nvrtc: NvrtcConfig::from_env(),
+            cuda_graphs: None,
         }
     }
 }
 
 /// The CUDA backend (bf16 on one GPU).
 pub struct CudaBackend {
+    /// The tensor-parallel group; `None` = a group of one without NCCL. Declared before
+    /// `dev` so that it is torn down while the context still exists.
+    nccl: Option<nccl::NcclGroup>,
     dev: device::Device,
     /// Split-K decode workspace, grown on demand (f32).
     workspace: Option<CudaSlice<f32>>,
+    /// Decode graphs; `None` when they are off.
+    graphs: Option<graph::Graphs>,
 }
 
 /// A kernel argument.
@@ -93,10 +115,66 @@ impl CudaBackend {
                 tracing::warn!(kernel_file = file, "PTX cache not written: {msg}");
             }
         }
-        Ok(CudaBackend {
+        let mut backend = CudaBackend {
+            nccl: None,
             dev,
             workspace: None,
-        })
+            graphs: None,
+        };
+        if let Some(options) = config.cuda_graphs {
+            backend
+                .enable_graphs(options)
+                .map_err(|e| Error::driver("turning CUDA graphs on", e))?;
+        }
+        Ok(backend)
+    }
+
+    /// Makes this backend rank `rank` of a tensor-parallel group of `world_size` through
+    /// NCCL: every rank calls it with the same `id` (from [`NcclId::new`] on rank 0) and
+    /// blocks until all have joined, at most `timeout`, which then also bounds every wait for
+    /// the group's collectives. Call it before loading a model: the model takes its slices by
+    /// [`allam_backend::Backend::world_size`] and [`allam_backend::Backend::rank`].
+    pub fn join_nccl(
+        &mut self,
+        id: &NcclId,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let refuse = |message: &str| Error::Nccl {
+            what: format!("joining as rank {rank} of {world_size}"),
+            message: message.to_owned(),
+        };
+        if self.nccl.is_some() {
+            return Err(refuse("this backend already belongs to a group"));
+        }
+        if self.graphs.is_some() {
+            // A captured step would hold the collectives (and the gather's scratch buffers)
+            // inside a graph, which neither the ranks' agreement on eager vs replayed steps
+            // nor the watchdog accounts for yet.
+            return Err(refuse(
+                "CUDA graphs are not supported in an NCCL group yet; leave --cuda-graphs off with --tp",
+            ));
+        }
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::driver("making the GPU current for NCCL", e))?;
+        self.nccl = Some(nccl::NcclGroup::join(id, rank, world_size, timeout)?);
+        Ok(())
+    }
+
+    /// [`CudaBackend::with_config`] then [`CudaBackend::join_nccl`].
+    pub fn with_nccl(
+        config: &CudaBackendConfig,
+        id: &NcclId,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<CudaBackend, Error> {
+        let mut backend = CudaBackend::with_config(config)?;
+        backend.join_nccl(id, rank, world_size, timeout)?;
+        Ok(backend)
     }
 
     /// GPU name as the driver reports it.
@@ -117,26 +195,30 @@ impl CudaBackend {
     /// Allocates a zeroed f32 tensor. `linear` into an f32 tensor keeps the lm_head output
     /// (logits) in f32, which `sample` and accurate logprobs need.
     pub fn alloc_f32(&mut self, shape: &[usize]) -> Result<Tensor, OpError> {
-        self.bind("alloc_f32")?;
         let len = shape.iter().product::<usize>().max(1);
-        let buf = self
-            .dev
-            .stream
-            .alloc_zeros::<f32>(len)
-            .map_err(|e| device_err("alloc_f32", e))?;
-        Ok(Tensor::new(
-            shape,
-            DType::F32,
-            Box::new(CudaTensor(DevBuf::F32(buf))),
-        ))
+        let buf = self.activation("alloc_f32", DType::F32, len)?;
+        Ok(Tensor::new(shape, DType::F32, Box::new(CudaTensor(buf))))
     }
 
-    /// Waits for all queued work.
-    pub fn synchronize(&mut self) -> Result<(), OpError> {
-        self.dev
-            .stream
-            .synchronize()
-            .map_err(|e| device_err("synchronize", e))
+    /// Waits for all queued work: under the NCCL watchdog in a group (a hung collective is
+    /// `Error::Collective` after the group's timeout, and the group is aborted), else a plain
+    /// stream synchronize.
+    pub(crate) fn wait_idle(&mut self, op: &'static str) -> Result<(), OpError> {
+        self.bind(op)?;
+        match &mut self.nccl {
+            Some(group) => group.wait_stream(op, &self.dev.stream),
+            None => self.dev.stream.synchronize().map_err(|e| device_err(op, e)),
+        }
+    }
+
+    /// In a group, waits for the queued collectives under the watchdog; else nothing. Called
+    /// before a copy to pageable host memory, which blocks the thread until the stream
+    /// drains, so a dead peer would hang it beyond any timeout.
+    pub(crate) fn settle_collectives(&mut self, op: &'static str) -> Result<(), OpError> {
+        if self.nccl.is_some() {
+            self.wait_idle(op)?;
+        }
+        Ok(())
     }
 
     /// Makes this backend's context current on the calling thread (the engine thread may not
@@ -189,7 +271,17 @@ impl CudaBackend {
     /// first use).
     fn workspace(&mut self, op: &'static str, len: usize) -> Result<u64, OpError> {
         let big_enough = self.workspace.as_ref().is_some_and(|w| w.len() >= len);
+        if !big_enough && self.capturing() {
+            // The recorded pass sized it; growing now would allocate inside the capture.
+            return Err(OpError::Unsupported {
+                op,
+                backend: storage::BACKEND_NAME,
+                detail: "a split-K workspace larger than the recorded pass used".to_owned(),
+            });
+        }
         if !big_enough {
+            // Captured graphs point at the old buffer.
+            self.drop_graphs();
             // Grow by 2x to amortise; the old buffer is freed in stream order.
             let want = len
                 .max(self.workspace.as_ref().map_or(0, |w| 2 * w.len()))
@@ -207,6 +299,33 @@ impl CudaBackend {
             .expect("workspace allocated just above");
         Ok(storage::raw(w, &self.dev.stream))
     }
+}
+
+/// Checks, opening nothing, that this machine can run a tensor-parallel group of `world_size`
+/// ranks on GPUs `base..base + world_size` (rank `r` on `cuda:{base + r}`): the CUDA
+/// libraries, enough GPUs, and NCCL. Each failure is the one-sentence [`Error`] that
+/// [`CudaBackend::new`] or [`NcclId::new`] would give, before any rank is started.
+pub fn check_tp_devices(base: usize, world_size: usize) -> Result<(), Error> {
+    device::check_libraries()?;
+    let count = device::device_count()?;
+    let last = base + world_size.max(1) - 1;
+    if last >= count {
+        return Err(if world_size <= 1 {
+            Error::NoDevice {
+                ordinal: base,
+                count,
+            }
+        } else {
+            Error::NotEnoughGpus {
+                base,
+                world_size,
+                last,
+                count,
+            }
+        });
+    }
+    check_nccl()?;
+    Ok(())
 }
 
 fn device_err(op: &'static str, e: impl std::fmt::Debug) -> OpError {
@@ -263,5 +382,30 @@ mod tests {
             minor: 5,
         };
         assert!(e.to_string().contains("7.5"), "{e}");
+        let e = Error::NotEnoughGpus {
+            base: 1,
+            world_size: 4,
+            last: 4,
+            count: 2,
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--tp 4") && msg.contains("1..=4") && msg.contains("reports 2"),
+            "{msg}"
+        );
+        assert_eq!(msg.matches(". ").count(), 0, "one sentence: {msg}");
+    }
+
+    /// The pre-start check of a tensor-parallel group gives the same clean errors: no driver
+    /// here (CI); elsewhere whichever holds, never a panic.
+    #[test]
+    fn tp_device_check_fails_cleanly_without_a_gpu() {
+        // SAFETY: the probe only dlopens and closes candidate names.
+        let has_driver = unsafe { cudarc::driver::sys::is_culib_present() };
+        match check_tp_devices(0, 2) {
+            Err(Error::NoDriver) => assert!(!has_driver),
+            Err(other) => assert!(has_driver, "driver missing but got {other}"),
+            Ok(()) => assert!(has_driver),
+        }
     }
 }

@@ -2,10 +2,12 @@
 //! launch geometry (allam-kernels) and enqueues one kernel or cuBLAS call. The math is in
 //! `kernels/*.cu`; the same-named op of `allam-backend-cpu` is the reference.
 
+use std::sync::Arc;
+
 use allam_backend::checks;
 use allam_backend::{
-    AttentionLayout, Backend, BackendInfo, DType, Error as OpError, KvCache, KvCacheSpec,
-    PreparedStep, StepBatch, Tensor, Weight,
+    AttentionLayout, Backend, BackendInfo, DType, Error as OpError, GraphStep, KvCache,
+    KvCacheSpec, PreparedStep, RowSampling, SampledToken, StepBatch, Tensor, Weight,
 };
 use allam_kernels::geometry::{self, decode_workspace};
 use allam_kernels::{HeadDim, Kernel};
@@ -59,10 +61,14 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     fn info(&self) -> BackendInfo {
         let (major, minor) = self.dev.compute_capability;
+        let group = match &self.nccl {
+            Some(g) => format!(", NCCL rank {} of {}", g.rank(), g.world_size()),
+            None => String::new(),
+        };
         BackendInfo {
             name: BACKEND_NAME,
             device: format!(
-                "{} (cuda:{}, sm_{major}{minor}, {} SMs)",
+                "{} (cuda:{}, sm_{major}{minor}, {} SMs{group})",
                 self.dev.name, self.dev.ordinal, self.dev.num_sms
             ),
             activation_dtype: DType::BF16,
@@ -115,6 +121,9 @@ impl Backend for CudaBackend {
             .stream
             .clone_htod(cos_sin)
             .map_err(|e| device_err(OP, e))?;
+        if let Some(graphs) = self.graphs.as_mut() {
+            graphs.note_max_positions(max_positions);
+        }
         Ok(Weight::new(
             "rope_table",
             &[max_positions, rotary_dim],
@@ -128,19 +137,9 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&mut self, shape: &[usize]) -> Result<Tensor, OpError> {
-        const OP: &str = "alloc";
-        self.bind(OP)?;
         let len = shape.iter().product::<usize>().max(1);
-        let buf = self
-            .dev
-            .stream
-            .alloc_zeros::<bf16>(len)
-            .map_err(|e| device_err(OP, e))?;
-        Ok(Tensor::new(
-            shape,
-            DType::BF16,
-            Box::new(CudaTensor(DevBuf::Bf16(buf))),
-        ))
+        let buf = self.activation("alloc", DType::BF16, len)?;
+        Ok(Tensor::new(shape, DType::BF16, Box::new(CudaTensor(buf))))
     }
 
     fn upload_f32(&mut self, shape: &[usize], data: &[f32]) -> Result<Tensor, OpError> {
@@ -151,13 +150,15 @@ impl Backend for CudaBackend {
         Ok(Tensor::new(
             shape,
             DType::BF16,
-            Box::new(CudaTensor(DevBuf::Bf16(buf))),
+            Box::new(CudaTensor(Arc::new(DevBuf::Bf16(buf)))),
         ))
     }
 
     fn to_host_f32(&mut self, x: &Tensor) -> Result<Vec<f32>, OpError> {
         const OP: &str = "to_host_f32";
         self.bind(OP)?;
+        // The copy below blocks until the stream drains: in a group, bound that wait first.
+        self.settle_collectives(OP)?;
         let n = x.numel();
         let stream = &self.dev.stream;
         let mut host = match storage::tensor(OP, "x", x)? {
@@ -229,7 +230,13 @@ impl Backend for CudaBackend {
             .stream
             .clone_htod(&layout.words)
             .map_err(|e| device_err(OP, e))?;
-        Ok(PreparedStep::new(batch, Box::new(CudaStep { buf, layout })))
+        Ok(PreparedStep::new(
+            batch,
+            Box::new(CudaStep {
+                buf: Arc::new(buf),
+                layout,
+            }),
+        ))
     }
 
     fn embedding(
@@ -555,6 +562,37 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn graph_step(&mut self, batch: &StepBatch, kv: &KvCache) -> Result<GraphStep, OpError> {
+        self.graph_step_impl(batch, kv)
+    }
+
+    fn graph_capture_begin(&mut self) -> Result<(), OpError> {
+        self.graph_capture_begin_impl()
+    }
+
+    fn graph_capture_end(
+        &mut self,
+        captured: Option<&Tensor>,
+        eager: Tensor,
+    ) -> Result<Tensor, OpError> {
+        self.graph_capture_end_impl(captured, eager)
+    }
+
+    fn synchronize(&mut self) -> Result<(), OpError> {
+        self.wait_idle("synchronize")
+    }
+
+    fn sample(
+        &mut self,
+        logits: &Tensor,
+        rows: &[RowSampling],
+        n_top: usize,
+    ) -> Result<Vec<SampledToken>, OpError> {
+        // Sampling ends in a blocking copy: in a group, bound the wait for the collectives.
+        self.settle_collectives("sample")?;
+        self.sample_on_device(logits, rows, n_top)
+    }
+
     fn gather_rows(
         &mut self,
         x: &Tensor,
@@ -580,5 +618,34 @@ impl Backend for CudaBackend {
             geometry::embedding_launch(step.num_logits_rows() as u32),
             &args,
         )
+    }
+
+    // Tensor parallelism (tp.rs, nccl.rs).
+
+    fn embedding_shard(
+        &mut self,
+        table: &Weight,
+        vocab_start: usize,
+        vocab_size: usize,
+        step: &PreparedStep,
+        out: &mut Tensor,
+    ) -> Result<(), OpError> {
+        self.tp_embedding_shard(table, vocab_start, vocab_size, step, out)
+    }
+
+    fn world_size(&self) -> usize {
+        self.nccl.as_ref().map_or(1, |g| g.world_size())
+    }
+
+    fn rank(&self) -> usize {
+        self.nccl.as_ref().map_or(0, |g| g.rank())
+    }
+
+    fn all_reduce_sum(&mut self, x: &mut Tensor) -> Result<(), OpError> {
+        self.tp_all_reduce_sum(x)
+    }
+
+    fn all_gather_cols(&mut self, x: &Tensor, out: &mut Tensor) -> Result<(), OpError> {
+        self.tp_all_gather_cols(x, out)
     }
 }

@@ -7,8 +7,8 @@ use allam_backend::{
     AttentionLayout, Backend, Error as OpError, KvCache, KvCacheSpec, PreparedStep, StepBatch,
 };
 
-use crate::sampling::{reference_sample, DeviceSampling};
 use crate::selftest::{compare, upload, upload_weight, Harness, OpCheck, Tol, EXACT};
+use allam_backend::sampling::{sample_row_with_margin, RowSampling};
 
 /// One self-check case: runs its shapes and records its `OpCheck`s.
 type Case = fn(&mut Harness);
@@ -441,10 +441,10 @@ fn sampling(h: &mut Harness) {
         (1.0, 0, 1.0),
         (1.0, 1, 1.0),
     ];
-    let params: Vec<DeviceSampling> = (0..rows)
+    let params: Vec<RowSampling> = (0..rows)
         .map(|r| {
             let (temperature, top_k, top_p) = modes[r % modes.len()];
-            DeviceSampling {
+            RowSampling {
                 temperature,
                 top_k,
                 top_p,
@@ -463,10 +463,10 @@ fn sampling(h: &mut Harness) {
     let Some(g) = h.dut.cuda() else {
         return;
     };
-    let mut gpu_run = || -> Result<(Vec<f32>, Vec<crate::SampledToken>), OpError> {
+    let mut gpu_run = || -> Result<(Vec<f32>, Vec<allam_backend::SampledToken>), OpError> {
         let xt = g.upload_f32(&[rows, hidden], &x)?;
         let wt = upload_weight(g, "lm_head", &[vocab, hidden], &w)?;
-        let mut logits = g.alloc_f32(&[rows, vocab])?;
+        let mut logits = g.alloc_logits(&[rows, vocab])?;
         g.linear(&xt, &wt, &mut logits)?;
         let host = g.to_host_f32(&logits)?;
         let picks = g.sample(&logits, &params, n_top)?;
@@ -496,7 +496,7 @@ fn sampling(h: &mut Harness) {
     let (mut lp_gpu, mut lp_ref) = (Vec::new(), Vec::new());
     for r in 0..rows {
         let row = &gpu_logits[r * vocab..(r + 1) * vocab];
-        let (want, margin) = reference_sample(row, &params[r], n_top);
+        let (want, margin) = sample_row_with_margin(row, &params[r], n_top);
         let got = &picks[r];
         let top_ids_match = got.top.iter().map(|t| t.0).eq(want.top.iter().map(|t| t.0));
         if got.token != want.token || !top_ids_match {

@@ -88,6 +88,18 @@ fn pack_tables(
 /// Packs a validated batch. `num_sms` feeds the decode split-K heuristic, `n_kv_heads` too
 /// (CTAs per sequence).
 pub(crate) fn pack_step(batch: &StepBatch, n_kv_heads: u32, num_sms: u32) -> StepLayout {
+    pack_step_with(batch, n_kv_heads, num_sms, None)
+}
+
+/// [`pack_step`], with the decode tables `fixed_max_blocks` wide and the split-K geometry
+/// sized for that many blocks of context when given: then the layout (every range, every
+/// launch scalar) depends only on the number of sequences, which a replayed graph needs.
+pub(crate) fn pack_step_with(
+    batch: &StepBatch,
+    n_kv_heads: u32,
+    num_sms: u32,
+    fixed_max_blocks: Option<u32>,
+) -> StepLayout {
     let mut words = Vec::new();
     let token_ids = push(&mut words, batch.token_ids.iter().copied());
     let positions = push(&mut words, batch.positions.iter().copied());
@@ -141,7 +153,7 @@ pub(crate) fn pack_step(batch: &StepBatch, n_kv_heads: u32, num_sms: u32) -> Ste
     });
 
     let decode = (!decode_seqs.is_empty()).then(|| {
-        let max_blocks = max_blocks_of(&decode_seqs);
+        let max_blocks = fixed_max_blocks.unwrap_or_else(|| max_blocks_of(&decode_seqs));
         let block_tables = pack_tables(&mut words, batch, &decode_seqs, max_blocks);
         let context_lens = push(
             &mut words,
@@ -151,11 +163,14 @@ pub(crate) fn pack_step(batch: &StepBatch, n_kv_heads: u32, num_sms: u32) -> Ste
             &mut words,
             decode_seqs.iter().map(|&s| batch.seqs[s].query_start),
         );
-        let max_context = decode_seqs
-            .iter()
-            .map(|&s| batch.seqs[s].context_len)
-            .max()
-            .unwrap_or(1);
+        let max_context = match fixed_max_blocks {
+            Some(blocks) => blocks * batch.block_size,
+            None => decode_seqs
+                .iter()
+                .map(|&s| batch.seqs[s].context_len)
+                .max()
+                .unwrap_or(1),
+        };
         DecodeMeta {
             n_seqs: decode_seqs.len() as u32,
             max_blocks,

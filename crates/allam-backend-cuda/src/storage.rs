@@ -5,6 +5,8 @@
 //! pointer taken from a `CudaSlice` is valid for any work queued on that stream while the
 //! slice is alive, and stream order is the only synchronization needed.
 
+use std::sync::Arc;
+
 use allam_backend::{checks, DType, Error, KvCache, PreparedStep, Tensor, Weight};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
@@ -26,6 +28,14 @@ impl DevBuf {
             DevBuf::F32(_) => DType::F32,
         }
     }
+
+    /// Elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            DevBuf::Bf16(s) => s.len(),
+            DevBuf::F32(s) => s.len(),
+        }
+    }
 }
 
 /// Device address of `s`. The returned guard only records events when event tracking is on,
@@ -35,8 +45,9 @@ pub(crate) fn raw<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     ptr
 }
 
-/// Activation storage.
-pub(crate) struct CudaTensor(pub(crate) DevBuf);
+/// Activation storage. Shared so that a captured graph keeps the buffers it was recorded
+/// with alive after the model drops its tensors (see `graph.rs`).
+pub(crate) struct CudaTensor(pub(crate) Arc<DevBuf>);
 /// Weight storage (bf16 weights, f32 RoPE table).
 pub(crate) struct CudaWeight(pub(crate) DevBuf);
 
@@ -48,7 +59,8 @@ pub(crate) struct CudaKv {
 
 /// The step's packed metadata on the device plus its host-side layout.
 pub(crate) struct CudaStep {
-    pub(crate) buf: CudaSlice<u32>,
+    /// Shared with the graph that replays this layout, if any.
+    pub(crate) buf: Arc<CudaSlice<u32>>,
     pub(crate) layout: StepLayout,
 }
 
@@ -78,7 +90,18 @@ pub(crate) fn tensor<'a>(
     t: &'a Tensor,
 ) -> Result<&'a DevBuf, Error> {
     t.storage::<CudaTensor>()
-        .map(|s| &s.0)
+        .map(|s| s.0.as_ref())
+        .ok_or_else(|| foreign(op, operand))
+}
+
+/// The tensor's shared buffer.
+pub(crate) fn tensor_arc(
+    op: &'static str,
+    operand: &'static str,
+    t: &Tensor,
+) -> Result<Arc<DevBuf>, Error> {
+    t.storage::<CudaTensor>()
+        .map(|s| Arc::clone(&s.0))
         .ok_or_else(|| foreign(op, operand))
 }
 

@@ -11,7 +11,8 @@
 //! values. The fused MLP projection output is `[num_tokens, 2 * intermediate]`, each row
 //! `[gate | up]`.
 
-use crate::{DType, Error, KvCache, KvCacheSpec, PreparedStep, StepBatch, Tensor, Weight};
+use crate::sampling::{sample_row, RowSampling, SampledToken};
+use crate::{checks, DType, Error, KvCache, KvCacheSpec, PreparedStep, StepBatch, Tensor, Weight};
 
 /// What a backend is and what it computes in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +53,19 @@ impl AttentionLayout {
     pub fn kv_width(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+}
+
+/// How [`Backend::graph_step`] wants a step run.
+pub enum GraphStep {
+    /// Run the ops one by one, with a step from [`Backend::prepare_step`].
+    Eager,
+    /// The backend replayed a captured forward pass for this batch; these are its logits,
+    /// `[batch.logits_rows.len(), vocab]`, as the eager pass would have returned them.
+    Replayed(Tensor),
+    /// Capture this batch's shape: run the forward pass with this (padded) step for real,
+    /// then again between [`Backend::graph_capture_begin`] and [`Backend::graph_capture_end`]
+    /// while the backend records it; the second pass computes nothing.
+    Capture(PreparedStep),
 }
 
 /// The device operations the model is written against. Object safe; the engine holds a
@@ -103,6 +117,13 @@ pub trait Backend: Send {
 
     /// Copies a tensor to the host as f32, waiting for queued work.
     fn to_host_f32(&mut self, x: &Tensor) -> Result<Vec<f32>, Error>;
+
+    /// Waits for every queued op and reports a failure among them (an asynchronous device
+    /// fault, or a collective that timed out). Tensor-parallel followers call it once per step,
+    /// since they never read results back. A synchronous backend has nothing to wait for.
+    fn synchronize(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 
     /// Allocates a zeroed paged KV cache (layout in [`KvCacheSpec`]).
     fn alloc_kv_cache(&mut self, spec: &KvCacheSpec) -> Result<KvCache, Error>;
@@ -217,6 +238,62 @@ pub trait Backend: Send {
         step: &PreparedStep,
         out: &mut Tensor,
     ) -> Result<(), Error>;
+
+    /// Picks one token per row of `logits` (the f32 `[rows.len(), vocab]` `lm_head` output of
+    /// [`Backend::alloc_logits`]) by the rules of [`crate::sampling`], with each row's
+    /// `n_top <= MAX_TOP_LOGPROBS` largest raw logprobs. Waits for queued work. Only ids and
+    /// a few floats come back: a GPU backend samples in a kernel so the logits never cross
+    /// to the host. The default reads them to the host and applies [`sample_row`], which is
+    /// the statement every override must match.
+    fn sample(
+        &mut self,
+        logits: &Tensor,
+        rows: &[RowSampling],
+        n_top: usize,
+    ) -> Result<Vec<SampledToken>, Error> {
+        let vocab = checks::sample_args(
+            "sample",
+            self.info().name,
+            logits.shape(),
+            rows.len(),
+            n_top,
+        )?;
+        let host = self.to_host_f32(logits)?;
+        Ok(rows
+            .iter()
+            .zip(host.chunks_exact(vocab))
+            .map(|(p, row)| sample_row(row, p, n_top))
+            .collect())
+    }
+
+    /// Decides whether `batch` replays captured device work (CUDA graphs for decode steps):
+    /// validates it as [`Backend::prepare_step`] does, then answers [`GraphStep`]. The
+    /// default, for backends without graphs, is [`GraphStep::Eager`].
+    fn graph_step(&mut self, batch: &StepBatch, kv: &KvCache) -> Result<GraphStep, Error> {
+        let _ = (batch, kv);
+        Ok(GraphStep::Eager)
+    }
+
+    /// After the real pass of a [`GraphStep::Capture`]: starts recording.
+    fn graph_capture_begin(&mut self) -> Result<(), Error> {
+        Err(Error::Unsupported {
+            op: "graph_capture_begin",
+            backend: self.info().name,
+            detail: "captured graphs".to_owned(),
+        })
+    }
+
+    /// Ends the recording of a [`GraphStep::Capture`] (keeping the graph when the recording
+    /// pass gave `captured` logits, dropping it otherwise) and returns the real pass's
+    /// logits `eager` cut to the batch's own rows.
+    fn graph_capture_end(
+        &mut self,
+        captured: Option<&Tensor>,
+        eager: Tensor,
+    ) -> Result<Tensor, Error> {
+        let _ = captured;
+        Ok(eager)
+    }
 
     /// Ranks in this backend's tensor-parallel group (1 = no parallelism).
     fn world_size(&self) -> usize {

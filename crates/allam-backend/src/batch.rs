@@ -27,7 +27,8 @@ pub struct SeqInBatch {
 /// earlier `query_len`s); `token_ids`, `positions` and `slot_mapping` have one entry per query
 /// token; a query token at position `p` of a sequence sees positions `0..=p` (causal), and
 /// its own K/V are written to `slot_mapping[t] = block_table[p / block_size] * block_size +
-/// p % block_size` before attention reads them.
+/// p % block_size` before attention reads them. The one exception is [`PAD_SLOT`]: a padding
+/// token (see [`StepBatch::padded_decode`]) whose K/V are written nowhere.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepBatch {
     pub token_ids: Vec<TokenId>,
@@ -40,9 +41,47 @@ pub struct StepBatch {
     pub block_size: u32,
 }
 
+/// `slot_mapping` value of a padding token: its K/V are not written.
+pub const PAD_SLOT: u32 = u32::MAX;
+
 impl StepBatch {
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
+    }
+
+    /// This batch padded to `size` sequences, for a backend that replays one recorded step
+    /// for every batch up to a size (CUDA graphs); `None` unless it is a pure decode batch
+    /// (one query token per sequence, every row's logits asked for in order) of at most
+    /// `size` sequences whose contexts fit `max_blocks` blocks. A padding sequence is token
+    /// 0 at position 0 with context 1 in block 0, its slot [`PAD_SLOT`]: it reads block 0,
+    /// writes nothing, and its logits row (after the batch's own) is to be dropped.
+    pub fn padded_decode(&self, size: usize, max_blocks: u32) -> Option<StepBatch> {
+        let n = self.seqs.len();
+        let block_size = self.block_size.max(1);
+        let decode_only = n > 0
+            && n <= size
+            && self
+                .seqs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.query_len == 1 && s.query_start == i as u32)
+            && self.logits_rows.iter().copied().eq(0..n as u32)
+            && self
+                .seqs
+                .iter()
+                .all(|s| s.context_len.div_ceil(block_size) <= max_blocks);
+        if !decode_only {
+            return None;
+        }
+        let mut padded = self.clone();
+        for _ in n..size {
+            let rows = padded.push_seq(&[0], 1, vec![0]);
+            padded.logits_rows.push(rows.start);
+            if let Some(slot) = padded.slot_mapping.last_mut() {
+                *slot = PAD_SLOT;
+            }
+        }
+        Some(padded)
     }
 
     /// Appends one sequence whose `query_tokens` are its last tokens of `context_len`,
@@ -147,7 +186,8 @@ impl StepBatch {
                 }
                 let block = u64::from(seq.block_table[(pos / self.block_size) as usize]);
                 let slot = block * block_size + u64::from(pos % self.block_size);
-                if u64::from(self.slot_mapping[t]) != slot {
+                let padding = self.slot_mapping[t] == PAD_SLOT && pos == 0;
+                if u64::from(self.slot_mapping[t]) != slot && !padding {
                     return bad(format!(
                         "token {t} (seqs[{seq_idx}]) has slot {}, its block table says {slot}",
                         self.slot_mapping[t]
@@ -218,5 +258,72 @@ mod tests {
             .expect_err("block 4")
             .to_string();
         assert!(msg.contains("block 4"), "{msg}");
+    }
+
+    fn decode_batch(contexts: &[u32]) -> StepBatch {
+        let mut b = StepBatch {
+            block_size: 4,
+            ..Default::default()
+        };
+        for (i, &ctx) in contexts.iter().enumerate() {
+            let blocks: Vec<u32> = (0..ctx.div_ceil(4))
+                .map(|j| (10 * i as u32) + j + 1)
+                .collect();
+            let rows = b.push_seq(&[7 + i as u32], ctx, blocks);
+            b.logits_rows.push(rows.start);
+        }
+        b
+    }
+
+    #[test]
+    fn padding_adds_inert_sequences() {
+        let b = decode_batch(&[5, 9, 1]);
+        let p = b.padded_decode(8, 16).expect("decode batch");
+        assert_eq!(p.seqs.len(), 8);
+        assert_eq!(p.logits_rows, (0..8).collect::<Vec<u32>>());
+        assert_eq!(&p.slot_mapping[..3], &b.slot_mapping[..]);
+        assert!(p.slot_mapping[3..].iter().all(|&s| s == PAD_SLOT));
+        assert!(p.seqs[3..]
+            .iter()
+            .all(|s| s.context_len == 1 && s.query_len == 1));
+        assert!(p.positions[3..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn only_pure_decode_batches_that_fit_are_padded() {
+        let b = decode_batch(&[5, 9]);
+        assert!(
+            b.padded_decode(1, 16).is_none(),
+            "more sequences than the size"
+        );
+        assert!(
+            b.padded_decode(2, 2).is_none(),
+            "context 9 needs 3 blocks of 4"
+        );
+        let mut prefill = decode_batch(&[5]);
+        prefill.push_seq(&[1, 2], 2, vec![3]);
+        prefill.logits_rows.push(2);
+        assert!(prefill.padded_decode(4, 16).is_none());
+        let mut silent = decode_batch(&[5, 9]);
+        silent.logits_rows.pop();
+        assert!(
+            silent.padded_decode(4, 16).is_none(),
+            "a row that does not sample"
+        );
+        assert!(StepBatch::default().padded_decode(4, 16).is_none());
+    }
+
+    #[test]
+    fn a_padded_batch_is_still_valid() {
+        let p = decode_batch(&[5, 9, 1])
+            .padded_decode(8, 16)
+            .expect("decode batch");
+        p.validate(40).expect("padding slots are allowed");
+        let mut bad = p.clone();
+        bad.slot_mapping[1] = PAD_SLOT;
+        assert!(
+            bad.validate(40).is_err(),
+            "only a position-0 token may be padding"
+        );
     }
 }

@@ -65,6 +65,32 @@ pub fn expect_rows(
     Ok(cols)
 }
 
+/// `sample`: `logits` is `[rows.len(), vocab]` with `vocab > 0`, and `n_top` fits the
+/// per-row buffer every backend reports into. Returns `vocab`.
+pub fn sample_args(
+    op: &'static str,
+    backend: &'static str,
+    logits: &[usize],
+    rows: usize,
+    n_top: usize,
+) -> Result<usize, Error> {
+    let vocab = expect_rows(op, "logits", logits, rows)?;
+    if vocab == 0 {
+        return Err(Error::shape(op, "logits", "[rows, vocab > 0]", logits));
+    }
+    if n_top > crate::sampling::MAX_TOP_LOGPROBS {
+        return Err(Error::Unsupported {
+            op,
+            backend,
+            detail: format!(
+                "{n_top} top logprobs per row (at most {})",
+                crate::sampling::MAX_TOP_LOGPROBS
+            ),
+        });
+    }
+    Ok(vocab)
+}
+
 /// `upload_weight`: `actual_bytes` must be exactly `dtype`'s size times the element count of
 /// `shape`; the error is [`weight_bytes_error`].
 pub fn check_weight_bytes(

@@ -11,9 +11,11 @@ pub mod checks;
 mod dtype;
 mod error;
 mod handle;
+pub mod sampling;
 
-pub use backend::{AttentionLayout, Backend, BackendInfo};
-pub use batch::{SeqInBatch, StepBatch};
+pub use backend::{AttentionLayout, Backend, BackendInfo, GraphStep};
+pub use batch::{SeqInBatch, StepBatch, PAD_SLOT};
 pub use dtype::{decode_to_f32, DType};
 pub use error::Error;
 pub use handle::{KvCache, KvCacheSpec, PreparedStep, Tensor, Weight};
+pub use sampling::{RowSampling, SampledToken};

@@ -15,20 +15,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use allam_backend::StepBatch;
+use allam_backend::{SampledToken, StepBatch};
 use allam_request::{SamplingParams, ValidRequest};
 use allam_telemetry::metric_names as m;
 use allam_tokenizer::Tokenizer;
 use allam_types::{
     EngineEvent, FinishReason, RequestId, SequenceEnd, StepLogprobs, Timings, TokenDelta, TokenId,
-    Usage,
+    TokenLogprob, Usage,
 };
 use rand::Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::block_manager::BlockPool;
 use crate::config::EngineConfig;
-use crate::executor::StepExecutor;
+use crate::executor::{StepExecutor, StepOutput, StepSampling};
 use crate::failure_reason;
 use crate::output::SeqOutput;
 use crate::sampler::{SampleInput, Sampler};
@@ -84,6 +84,8 @@ pub(crate) struct EngineCore {
     next_seq_id: u64,
     next_arrival: u64,
     batch: StepBatch,
+    /// What this step asks of each logits row (reused across steps).
+    sampling: StepSampling,
     shared: Arc<Shared>,
     max_published_hashes: usize,
     hashes_published_at: Option<Instant>,
@@ -122,6 +124,7 @@ impl EngineCore {
             next_seq_id: 0,
             next_arrival: 0,
             batch: StepBatch::default(),
+            sampling: StepSampling::default(),
             shared,
             max_published_hashes: config.max_published_hashes,
             hashes_published_at: None,
@@ -297,12 +300,13 @@ impl EngineCore {
             }
         }
         self.scheduler.build_batch(&plan, &mut self.batch);
-        let result = self.executor.execute(&self.batch);
+        self.plan_sampling(&plan);
+        let result = self.executor.execute(&self.batch, &self.sampling);
         self.shared.steps.fetch_add(1, Ordering::Relaxed);
         match result {
-            Ok(logits) => {
+            Ok(output) => {
                 self.scheduler.complete(&plan);
-                self.process_outputs(&plan, &logits);
+                self.process_outputs(&plan, &output);
             }
             Err(error) => self.fail_step(&plan, &error.to_string()),
         }
@@ -334,17 +338,63 @@ impl EngineCore {
         }
     }
 
-    fn process_outputs(&mut self, plan: &StepPlan, logits: &[f32]) {
+    /// Decides, row by row in `logits_rows` order, which rows the backend samples by itself
+    /// (taking their draws now) and which come back as logits.
+    fn plan_sampling(&mut self, plan: &StepPlan) {
+        let rows = &mut self.sampling.rows;
+        rows.clear();
+        let mut n_top = 0usize;
+        for s in &plan.seqs {
+            rows.extend(std::iter::repeat_n(None, s.prompt_rows.len()));
+            if !s.samples {
+                continue;
+            }
+            let seq = self.scheduler.seq(s.seq_id);
+            let state = seq.and_then(|q| self.requests.get(&q.request_id));
+            let row = match (seq, state, self.outputs.get_mut(&s.seq_id)) {
+                // The step that forks `n > 1` samples every child from this row on the host.
+                (Some(seq), Some(state), Some(out)) if state.forked || state.params.n <= 1 => {
+                    let row = Sampler::backend_row(
+                        &SampleInput {
+                            logits: &[],
+                            params: &state.params,
+                            tokens: &seq.tokens,
+                            prompt_len: seq.prompt_len,
+                            eos: &self.info.eos_token_ids,
+                        },
+                        &mut out.rng,
+                    );
+                    if row.is_some() {
+                        n_top = n_top.max(state.params.logprobs.unwrap_or(0) as usize);
+                    }
+                    row
+                }
+                _ => None,
+            };
+            rows.push(row);
+        }
+        self.sampling.n_top = n_top;
+    }
+
+    fn process_outputs(&mut self, plan: &StepPlan, output: &StepOutput) {
         let vocab = self.info.vocab_size;
         let needed_rows = self.batch.logits_rows.len();
-        if logits.len() != needed_rows * vocab {
+        let logits = output.logits.as_deref().unwrap_or(&[]);
+        let logits_ok = output.logits.is_none() || logits.len() == needed_rows * vocab;
+        let needs_logits = self.sampling.rows.iter().any(Option::is_none);
+        if output.sampled.len() != needed_rows
+            || !logits_ok
+            || (needs_logits && logits.is_empty() && needed_rows > 0)
+        {
             let message = format!(
-                "the model returned {} logits, expected {needed_rows} rows of {vocab}",
-                logits.len()
+                "the model returned {} logits and {} sampled rows, expected {needed_rows} rows of {vocab}",
+                logits.len(),
+                output.sampled.len()
             );
             self.fail_step(plan, &message);
             return;
         }
+        let row_at = |r: usize| logits.get(r * vocab..(r + 1) * vocab);
         let now = Instant::now();
         let mut row_idx = 0usize;
         for s in &plan.seqs {
@@ -353,17 +403,53 @@ impl EngineCore {
                 continue;
             };
             for p in s.prompt_rows.clone() {
-                let row = &logits[row_idx * vocab..(row_idx + 1) * vocab];
+                if let Some(row) = row_at(row_idx) {
+                    self.record_prompt_logprob(request_id, s.seq_id, p, row);
+                }
                 row_idx += 1;
-                self.record_prompt_logprob(request_id, s.seq_id, p, row);
             }
             self.maybe_send_prompt_logprobs(request_id, s.seq_id);
             if s.samples {
-                let row = &logits[row_idx * vocab..(row_idx + 1) * vocab];
+                match (&output.sampled[row_idx], row_at(row_idx)) {
+                    (Some(pick), _) => self.emit_sampled(request_id, s.seq_id, pick, now),
+                    (None, Some(row)) => self.sample_and_emit(request_id, s.seq_id, row, now),
+                    (None, None) => {}
+                }
                 row_idx += 1;
-                self.sample_and_emit(request_id, s.seq_id, row, now);
             }
         }
+    }
+
+    /// A token the backend sampled: its logprobs came with it.
+    fn emit_sampled(
+        &mut self,
+        request_id: RequestId,
+        seq_id: SeqId,
+        pick: &SampledToken,
+        now: Instant,
+    ) {
+        let Some(state) = self.requests.get(&request_id) else {
+            return;
+        };
+        let params = Arc::clone(&state.params);
+        let logprobs = params
+            .logprobs
+            .map(|top_n| {
+                vec![StepLogprobs {
+                    chosen: TokenLogprob {
+                        id: pick.token,
+                        logprob: pick.logprob,
+                    },
+                    top: pick
+                        .top
+                        .iter()
+                        .take(top_n as usize)
+                        .map(|&(id, logprob)| TokenLogprob { id, logprob })
+                        .collect(),
+                }]
+            })
+            .unwrap_or_default();
+        self.emit_token(request_id, seq_id, pick.token, logprobs, &params, now);
     }
 
     fn note_scheduled(&mut self, request_id: RequestId, s: &ScheduledSeq, now: Instant) {
@@ -447,7 +533,11 @@ impl EngineCore {
             sampled.extend(self.fork_children(request_id, seq_id, &params, row));
         }
         for (id, token) in sampled {
-            self.emit_token(request_id, id, token, row, &params, now);
+            let logprobs = params
+                .logprobs
+                .map(|top_n| vec![self.sampler.logprobs(row, token, top_n as usize)])
+                .unwrap_or_default();
+            self.emit_token(request_id, id, token, logprobs, &params, now);
         }
     }
 
@@ -517,14 +607,10 @@ impl EngineCore {
         request_id: RequestId,
         seq_id: SeqId,
         token: TokenId,
-        row: &[f32],
+        logprobs: Vec<StepLogprobs>,
         params: &SamplingParams,
         now: Instant,
     ) {
-        let logprobs = params
-            .logprobs
-            .map(|top_n| vec![self.sampler.logprobs(row, token, top_n as usize)])
-            .unwrap_or_default();
         self.scheduler.append_token(seq_id, token);
         let Some(seq) = self.scheduler.seq(seq_id) else {
             return;

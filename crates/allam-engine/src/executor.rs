@@ -4,18 +4,121 @@
 //! tensor-parallel worker can supply its own executor (for example one that broadcasts the
 //! batch to the other ranks before running rank 0's forward) through
 //! `Engine::start_with_executor`; tests use a fake one.
+//!
+//! The engine says per logits row what it needs ([`StepSampling`]): a row whose request uses
+//! only temperature / top-k / top-p is sampled by the backend ([`Backend::sample`], a kernel
+//! on a GPU), so only its token id and logprobs come back; a row that needs host work
+//! (prompt logprobs, penalties, min-p, the `n > 1` fork) comes back whole. The logits leave
+//! the device only in steps that have such a row.
 
-use allam_backend::{Backend, KvCache, StepBatch};
+use allam_backend::sampling::sample_row;
+use allam_backend::{Backend, KvCache, RowSampling, SampledToken, StepBatch};
 use allam_model::Model;
 
 /// The error an executor reports; its message reaches the failed requests' `Failed` events.
 pub type ExecutorError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A failed [`run_model_step`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StepError {
+    #[error(transparent)]
+    Model(#[from] allam_model::Error),
+    #[error("sampling the step's rows: {0}")]
+    Sample(#[source] allam_backend::Error),
+    #[error("copying logits to the host: {0}")]
+    Logits(#[source] allam_backend::Error),
+    #[error("waiting for the step on the device: {0}")]
+    Synchronize(#[source] allam_backend::Error),
+}
+
+/// What the engine needs from one step's logits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepSampling {
+    /// One entry per `batch.logits_rows` entry, in that order: `Some` samples the row by
+    /// these parameters, `None` asks for the row's logits.
+    pub rows: Vec<Option<RowSampling>>,
+    /// Top logprobs to report for each sampled row (the most any of them asked for; at most
+    /// `allam_backend::sampling::MAX_TOP_LOGPROBS`).
+    pub n_top: usize,
+}
+
+impl StepSampling {
+    fn needs_logits(&self) -> bool {
+        self.rows.iter().any(Option::is_none)
+    }
+}
+
+/// A step's results.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    /// Host f32 logits of every row, `[rows, vocab_size]`, present whenever some row asked
+    /// for them (it may be present otherwise too).
+    pub logits: Option<Vec<f32>>,
+    /// One entry per row: the pick of each `Some` row of [`StepSampling::rows`].
+    pub sampled: Vec<Option<SampledToken>>,
+}
+
+impl StepOutput {
+    /// For executors that compute host logits (fakes, tests): samples the `Some` rows on the
+    /// host by the same rules the backends follow.
+    pub fn from_host_logits(logits: Vec<f32>, sampling: &StepSampling) -> StepOutput {
+        let rows = sampling.rows.len();
+        let vocab = logits.len().checked_div(rows).unwrap_or(0);
+        let sampled = sampling
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                let row = logits.get(r * vocab..(r + 1) * vocab)?;
+                p.as_ref().map(|p| sample_row(row, p, sampling.n_top))
+            })
+            .collect();
+        StepOutput {
+            logits: Some(logits),
+            sampled,
+        }
+    }
+}
+
 /// Runs the model over one step's batch. Called only on the engine thread.
 pub trait StepExecutor: Send {
-    /// Host f32 logits, row-major `[batch.logits_rows.len(), vocab_size]`, one row per
-    /// entry of `batch.logits_rows`, in that order.
-    fn execute(&mut self, batch: &StepBatch) -> Result<Vec<f32>, ExecutorError>;
+    /// `sampling.rows` has one entry per entry of `batch.logits_rows`.
+    fn execute(
+        &mut self,
+        batch: &StepBatch,
+        sampling: &StepSampling,
+    ) -> Result<StepOutput, ExecutorError>;
+}
+
+/// The forward pass and the sampling of one step on `backend`: sampled on the backend when
+/// every row can be, else one copy of the logits to the host and the same rules there (a
+/// second pass over the device would cost more than the rows it saves).
+pub fn run_model_step(
+    model: &Model,
+    backend: &mut dyn Backend,
+    kv: &mut KvCache,
+    batch: &StepBatch,
+    sampling: &StepSampling,
+) -> Result<StepOutput, StepError> {
+    let Some(logits) = model.forward_logits(backend, kv, batch)? else {
+        return Ok(StepOutput {
+            logits: Some(Vec::new()),
+            sampled: vec![None; sampling.rows.len()],
+        });
+    };
+    if sampling.needs_logits() {
+        let host = backend.to_host_f32(&logits).map_err(StepError::Logits)?;
+        return Ok(StepOutput::from_host_logits(host, sampling));
+    }
+    let rows: Vec<RowSampling> = sampling.rows.iter().flatten().copied().collect();
+    let picks = backend
+        .sample(&logits, &rows, sampling.n_top)
+        .map_err(StepError::Sample)?;
+    Ok(StepOutput {
+        logits: None,
+        sampled: picks.into_iter().map(Some).collect(),
+    })
 }
 
 /// A model on one backend with its paged KV cache.
@@ -26,9 +129,37 @@ pub(crate) struct ModelExecutor {
 }
 
 impl StepExecutor for ModelExecutor {
-    fn execute(&mut self, batch: &StepBatch) -> Result<Vec<f32>, ExecutorError> {
-        Ok(self
-            .model
-            .forward(self.backend.as_mut(), &mut self.kv, batch)?)
+    fn execute(
+        &mut self,
+        batch: &StepBatch,
+        sampling: &StepSampling,
+    ) -> Result<StepOutput, ExecutorError> {
+        Ok(run_model_step(
+            &self.model,
+            self.backend.as_mut(),
+            &mut self.kv,
+            batch,
+            sampling,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_logits_sample_only_the_rows_that_ask() {
+        let logits = vec![0.0, 2.0, 1.0, 5.0, -1.0, 0.0];
+        let sampling = StepSampling {
+            rows: vec![None, Some(RowSampling::greedy())],
+            n_top: 2,
+        };
+        let out = StepOutput::from_host_logits(logits.clone(), &sampling);
+        assert_eq!(out.logits.as_deref(), Some(&logits[..]));
+        assert_eq!(out.sampled[0], None);
+        let pick = out.sampled[1].as_ref().expect("row 1 sampled");
+        assert_eq!(pick.token, 0);
+        assert_eq!(pick.top.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 2]);
     }
 }

@@ -35,7 +35,9 @@ pub mod bench_support;
 pub use config::EngineConfig;
 pub use engine::{Engine, EngineHandle};
 pub use error::Error;
-pub use executor::{ExecutorError, StepExecutor};
+pub use executor::{
+    run_model_step, ExecutorError, StepError, StepExecutor, StepOutput, StepSampling,
+};
 pub use stats::{EngineStats, ModelInfo};
 pub use stream::EventStream;
 

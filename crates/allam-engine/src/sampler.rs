@@ -4,16 +4,19 @@
 //! (HF: positive logits divided, negative multiplied); presence / frequency penalties over
 //! generated tokens (OpenAI: `logit -= presence * [count > 0] + frequency * count`); while
 //! fewer than `min_new_tokens` were generated, eos (unless `ignore_eos`) and
-//! `stop_token_ids` are masked; then greedy argmax, or temperature, top-k, top-p, min-p and
-//! one draw from the sequence's own RNG.
+//! `stop_token_ids` are masked; then greedy argmax, or min-p and the shared rules of
+//! `allam_backend::sampling` (temperature, top-k, top-p, one draw from the sequence's own RNG).
+//! A decision that needs none of the host-only steps goes to the backend instead
+//! ([`Sampler::backend_row`]), with the same draw, so both paths pick the same token.
 //!
 //! Determinism: the result depends only on the logits, the parameters, the sequence's tokens
-//! and its RNG state, never on the batch. Candidates are visited in a fixed order (token id,
-//! or probability then id after a sort), and exactly one RNG draw is taken per sampled step.
+//! and its RNG state, never on the batch. Candidates are visited in token id order, and
+//! exactly one RNG draw is taken per non-greedy sampled step.
 //!
 //! Logprobs are those of the model's raw distribution (`log_softmax` of the logits before any
 //! penalty, mask or temperature), which is what the goldens and vLLM's default report.
 
+use allam_backend::sampling::{sample_row, RowSampling, MAX_TOP_LOGPROBS};
 use allam_request::SamplingParams;
 use allam_types::{StepLogprobs, TokenId, TokenLogprob};
 use rand::Rng;
@@ -33,7 +36,6 @@ pub(crate) struct SampleInput<'a> {
 pub(crate) struct Sampler {
     work: Vec<f32>,
     seen: Vec<u32>,
-    candidates: Vec<(u32, f32)>,
     ids: Vec<u32>,
 }
 
@@ -42,7 +44,6 @@ impl Sampler {
         Sampler {
             work: Vec::with_capacity(vocab_size),
             seen: vec![0; vocab_size],
-            candidates: Vec::with_capacity(vocab_size),
             ids: Vec::with_capacity(vocab_size),
         }
     }
@@ -65,7 +66,56 @@ impl Sampler {
         if params.is_greedy() {
             return argmax(&self.work);
         }
-        self.sample_stochastic(params, rng)
+        if params.min_p > 0.0 {
+            // p_T(l) >= min_p * p_T(max)  <=>  l >= max + T ln(min_p): a logit-space floor,
+            // applied before top-k / top-p (as vLLM v1 does).
+            let max = self.work.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let floor = max + params.temperature * params.min_p.ln();
+            for l in self.work.iter_mut() {
+                if *l < floor {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let row = RowSampling {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            uniform: rng.random::<f32>(),
+        };
+        sample_row(&self.work, &row, 0).token
+    }
+
+    /// The row a backend can sample by itself, or `None` when this decision needs the host
+    /// (penalties, min-p, masked eos, more top logprobs than a backend reports). Takes the
+    /// step's one draw from `rng` exactly when [`Sampler::sample`] would, so a seeded request
+    /// gets the same tokens on either path.
+    pub(crate) fn backend_row(
+        input: &SampleInput<'_>,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<RowSampling> {
+        let params = input.params;
+        let generated = input.tokens.len().saturating_sub(input.prompt_len);
+        let masks = generated < params.min_new_tokens as usize
+            && !((params.ignore_eos || input.eos.is_empty()) && params.stop_token_ids.is_empty());
+        let host_only = params.repetition_penalty != 1.0
+            || params.presence_penalty != 0.0
+            || params.frequency_penalty != 0.0
+            || params.min_p > 0.0
+            || masks
+            || params.logprobs.unwrap_or(0) as usize > MAX_TOP_LOGPROBS;
+        if host_only {
+            return None;
+        }
+        if params.is_greedy() {
+            return Some(RowSampling::greedy());
+        }
+        Some(RowSampling {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            uniform: rng.random::<f32>(),
+        })
     }
 
     fn apply_penalties(&mut self, input: &SampleInput<'_>) {
@@ -103,72 +153,6 @@ impl Sampler {
                 }
             }
         }
-    }
-
-    fn sample_stochastic(&mut self, params: &SamplingParams, rng: &mut ChaCha8Rng) -> TokenId {
-        let candidates = &mut self.candidates;
-        candidates.clear();
-        candidates.extend(
-            self.work
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.is_finite())
-                .map(|(i, &l)| (i as u32, l)),
-        );
-        if candidates.is_empty() {
-            // Everything masked or non-finite: fall back to the least bad raw choice.
-            return argmax(&self.work);
-        }
-        let by_logit_desc =
-            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let top_k = params.top_k as usize;
-        let mut sorted = false;
-        if top_k > 0 && top_k < candidates.len() {
-            candidates.select_nth_unstable_by(top_k - 1, by_logit_desc);
-            candidates.truncate(top_k);
-            candidates.sort_unstable_by(by_logit_desc);
-            sorted = true;
-        }
-        let max_logit = candidates
-            .iter()
-            .map(|c| c.1)
-            .fold(f32::NEG_INFINITY, f32::max);
-        let temperature = params.temperature.max(1e-6);
-        for c in candidates.iter_mut() {
-            c.1 = ((c.1 - max_logit) / temperature).exp();
-        }
-        if params.top_p < 1.0 {
-            if !sorted {
-                candidates.sort_unstable_by(by_logit_desc);
-            }
-            let total: f64 = candidates.iter().map(|c| f64::from(c.1)).sum();
-            let threshold = f64::from(params.top_p) * total;
-            let mut cumulative = 0.0f64;
-            let mut keep = candidates.len();
-            for (i, c) in candidates.iter().enumerate() {
-                cumulative += f64::from(c.1);
-                if cumulative >= threshold {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            candidates.truncate(keep.max(1));
-        }
-        if params.min_p > 0.0 {
-            // After the max-shift the most likely candidate has weight 1.
-            let p_max = candidates.iter().map(|c| c.1).fold(0.0f32, f32::max);
-            let threshold = params.min_p * p_max;
-            candidates.retain(|c| c.1 >= threshold);
-        }
-        let total: f64 = candidates.iter().map(|c| f64::from(c.1)).sum();
-        let mut target = rng.random::<f64>() * total;
-        for c in candidates.iter() {
-            target -= f64::from(c.1);
-            if target < 0.0 {
-                return c.0;
-            }
-        }
-        candidates.last().map(|c| c.0).unwrap_or(0)
     }
 
     /// Logprob of `chosen` and the `top_n` most likely tokens under `log_softmax(logits)`.
@@ -411,5 +395,86 @@ mod tests {
         assert_eq!(lp.top.iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 1]);
         assert!((lp.top[0].logprob - expect(3.0)).abs() < 1e-6);
         assert!(sampler.logprobs(&logits, 1, 0).top.is_empty());
+    }
+
+    /// A seeded request picks the same tokens whether the backend or the host samples it:
+    /// both take the same single draw and apply the same rules.
+    #[test]
+    fn backend_rows_and_host_sampling_agree_draw_for_draw() {
+        let vocab = 50;
+        let logits: Vec<f32> = (0..vocab)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.6)
+            .collect();
+        let modes = [
+            (0.0f32, 0u32, 1.0f32),
+            (0.8, 0, 1.0),
+            (1.2, 5, 1.0),
+            (0.7, 0, 0.8),
+            (1.0, 1, 1.0),
+        ];
+        for (temperature, top_k, top_p) in modes {
+            let mut p = params();
+            (p.temperature, p.top_k, p.top_p) = (temperature, top_k, top_p);
+            for seed in 0..40 {
+                let input = SampleInput {
+                    logits: &logits,
+                    params: &p,
+                    tokens: &[0],
+                    prompt_len: 1,
+                    eos: &[2],
+                };
+                let mut host_rng = ChaCha8Rng::seed_from_u64(seed);
+                let mut backend_rng = ChaCha8Rng::seed_from_u64(seed);
+                let host = Sampler::new(vocab).sample(&input, &mut host_rng);
+                let row = Sampler::backend_row(&input, &mut backend_rng).expect("plain row");
+                assert_eq!(
+                    sample_row(&logits, &row, 0).token,
+                    host,
+                    "{p:?} seed {seed}"
+                );
+                // The next draw is in step too.
+                assert_eq!(host_rng.random::<u64>(), backend_rng.random::<u64>());
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_masks_and_min_p_stay_on_the_host() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let host_only = |edit: fn(&mut SamplingParams)| {
+            let mut p = params();
+            p.temperature = 1.0;
+            edit(&mut p);
+            p
+        };
+        let cases: [fn(&mut SamplingParams); 5] = [
+            |p| p.repetition_penalty = 1.1,
+            |p| p.presence_penalty = 0.5,
+            |p| p.frequency_penalty = -0.5,
+            |p| p.min_p = 0.1,
+            |p| p.min_new_tokens = 4,
+        ];
+        for edit in cases {
+            let p = host_only(edit);
+            let input = SampleInput {
+                logits: &[],
+                params: &p,
+                tokens: &[0, 1],
+                prompt_len: 1,
+                eos: &[2],
+            };
+            assert_eq!(Sampler::backend_row(&input, &mut rng), None, "{p:?}");
+        }
+        // min_new_tokens with nothing to mask (eos ignored, no stop ids) needs no host work.
+        let mut p = host_only(|p| p.min_new_tokens = 4);
+        p.ignore_eos = true;
+        let input = SampleInput {
+            logits: &[],
+            params: &p,
+            tokens: &[0, 1],
+            prompt_len: 1,
+            eos: &[2],
+        };
+        assert!(Sampler::backend_row(&input, &mut rng).is_some());
     }
 }

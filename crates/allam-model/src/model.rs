@@ -13,7 +13,10 @@
 
 use std::ops::Range;
 
-use allam_backend::{AttentionLayout, Backend, KvCache, KvCacheSpec, StepBatch, Tensor, Weight};
+use allam_backend::{
+    AttentionLayout, Backend, GraphStep, KvCache, KvCacheSpec, PreparedStep, StepBatch, Tensor,
+    Weight,
+};
 
 use crate::shard::{ShardPlan, TpShard};
 use crate::{Error, ModelConfig};
@@ -162,12 +165,76 @@ impl Model {
         kv: &mut KvCache,
         batch: &StepBatch,
     ) -> Result<Vec<f32>, Error> {
-        let step = backend
-            .prepare_step(batch, kv)
+        match self.forward_logits(backend, kv, batch)? {
+            Some(logits) => backend
+                .to_host_f32(&logits)
+                .map_err(Error::backend("copying logits to the host")),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Runs one step and leaves the logits on the device: an f32 `[batch.logits_rows.len(),
+    /// vocab_size]` tensor for [`Backend::sample`] or [`Backend::to_host_f32`] (on every rank
+    /// with tensor parallelism); `None` when the step asks for no rows.
+    pub fn forward_logits(
+        &self,
+        backend: &mut dyn Backend,
+        kv: &mut KvCache,
+        batch: &StepBatch,
+    ) -> Result<Option<Tensor>, Error> {
+        let graph = backend
+            .graph_step(batch, kv)
             .map_err(Error::backend("preparing the step"))?;
+        let step = match graph {
+            GraphStep::Eager => backend
+                .prepare_step(batch, kv)
+                .map_err(Error::backend("preparing the step"))?,
+            GraphStep::Replayed(logits) => return Ok(Some(logits)),
+            GraphStep::Capture(step) => return self.forward_and_capture(backend, kv, &step),
+        };
+        self.forward_step(backend, kv, &step)
+    }
+
+    /// A [`GraphStep::Capture`]: the real pass, then the recorded one. A failed recording
+    /// costs only the graph (logged); the step's result is the real pass's either way.
+    fn forward_and_capture(
+        &self,
+        backend: &mut dyn Backend,
+        kv: &mut KvCache,
+        step: &PreparedStep,
+    ) -> Result<Option<Tensor>, Error> {
+        let Some(eager) = self.forward_step(backend, kv, step)? else {
+            return Ok(None);
+        };
+        let captured = match backend.graph_capture_begin() {
+            Ok(()) => match self.forward_step(backend, kv, step) {
+                Ok(logits) => logits,
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording a step graph failed; this batch size runs eagerly");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "starting a step graph failed; this batch size runs eagerly");
+                None
+            }
+        };
+        backend
+            .graph_capture_end(captured.as_ref(), eager)
+            .map(Some)
+            .map_err(Error::backend("finishing a step graph"))
+    }
+
+    /// The layers over a prepared step.
+    fn forward_step(
+        &self,
+        backend: &mut dyn Backend,
+        kv: &mut KvCache,
+        step: &PreparedStep,
+    ) -> Result<Option<Tensor>, Error> {
         let n = step.num_tokens();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let err = |op: &'static str, layer: usize| {
             move |source| Error::Backend {
@@ -180,7 +247,7 @@ impl Model {
         let layout = &self.layout;
         if self.shard.world_size == 1 {
             backend
-                .embedding(&self.embed, &step, &mut a.residual)
+                .embedding(&self.embed, step, &mut a.residual)
                 .map_err(Error::backend("embedding"))?;
         } else {
             backend
@@ -188,7 +255,7 @@ impl Model {
                     &self.embed,
                     self.vocab_range.start,
                     self.config.vocab_size,
-                    &step,
+                    step,
                     &mut a.residual,
                 )
                 .map_err(Error::backend("embedding"))?;
@@ -213,13 +280,13 @@ impl Model {
                 .linear(&a.normed, &layer.qkv, &mut a.qkv)
                 .map_err(err("qkv projection", i))?;
             backend
-                .rope(&mut a.qkv, layout, &self.rope_table, &step)
+                .rope(&mut a.qkv, layout, &self.rope_table, step)
                 .map_err(err("rope", i))?;
             backend
-                .kv_write(&a.qkv, layout, kv, i, &step)
+                .kv_write(&a.qkv, layout, kv, i, step)
                 .map_err(err("kv write", i))?;
             backend
-                .attention(&a.qkv, layout, kv, i, &step, &mut a.attn)
+                .attention(&a.qkv, layout, kv, i, step, &mut a.attn)
                 .map_err(err("attention", i))?;
             backend
                 .linear(&a.attn, &layer.o_proj, &mut a.delta)
@@ -260,14 +327,14 @@ impl Model {
             .map_err(Error::backend("final norm"))?;
         let rows = step.num_logits_rows();
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let hidden = self.config.hidden_size;
         let mut picked = backend
             .alloc(&[rows, hidden])
             .map_err(Error::backend("allocating logits rows"))?;
         backend
-            .gather_rows(&a.normed, &step, &mut picked)
+            .gather_rows(&a.normed, step, &mut picked)
             .map_err(Error::backend("gathering logits rows"))?;
         let mut logits = backend
             .alloc_logits(&[rows, self.vocab_range.len()])
@@ -285,9 +352,7 @@ impl Model {
                 .map_err(Error::backend("logits all-gather"))?;
             logits = all;
         }
-        backend
-            .to_host_f32(&logits)
-            .map_err(Error::backend("copying logits to the host"))
+        Ok(Some(logits))
     }
 
     fn alloc_activations(&self, backend: &mut dyn Backend, n: usize) -> Result<Activations, Error> {

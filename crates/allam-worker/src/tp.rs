@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 
 use allam_backend::{Backend, KvCache, StepBatch};
 use allam_comm::{FollowerControl, LeaderControl};
-use allam_engine::{Engine, EngineConfig, EngineHandle, ExecutorError, ModelInfo, StepExecutor};
+use allam_engine::{
+    run_model_step, Engine, EngineConfig, EngineHandle, ExecutorError, ModelInfo, StepExecutor,
+    StepOutput, StepSampling,
+};
 use allam_model::Model;
 use allam_tokenizer::Tokenizer;
 
@@ -49,6 +52,8 @@ pub enum TpError {
     Model(#[from] allam_model::Error),
     #[error(transparent)]
     Engine(#[from] allam_engine::Error),
+    #[error(transparent)]
+    Step(#[from] allam_engine::StepError),
     /// A follower reported that it could not start.
     #[error("rank {rank} failed to start: {message}")]
     RankFailed { rank: usize, message: String },
@@ -73,6 +78,8 @@ impl TpError {
             TpError::Comm(e) => e.reason(),
             TpError::Model(e) => e.reason(),
             TpError::Engine(e) => e.reason(),
+            TpError::Step(allam_engine::StepError::Model(e)) => e.reason(),
+            TpError::Step(_) => "step",
             TpError::RankFailed { .. } => "rank_failed",
             TpError::Protocol { .. } => "protocol",
             TpError::Config { .. } => "tp_config",
@@ -237,17 +244,21 @@ impl TpLeader {
         Ok(())
     }
 
-    fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>, TpError> {
+    fn step(&mut self, batch: &StepBatch, sampling: &StepSampling) -> Result<StepOutput, TpError> {
         if let Some(first_failure) = self.health.failure() {
             return Err(TpError::Unhealthy { first_failure });
         }
         self.check_batch(batch)?;
         let sent = self.control.send_all(&encode_step(batch));
         let result = match sent {
-            Ok(()) => self
-                .model
-                .forward(self.backend.as_mut(), &mut self.kv, batch)
-                .map_err(TpError::from),
+            Ok(()) => run_model_step(
+                &self.model,
+                self.backend.as_mut(),
+                &mut self.kv,
+                batch,
+                sampling,
+            )
+            .map_err(TpError::from),
             Err(e) => Err(TpError::from(e)),
         };
         if let Err(error) = &result {
@@ -261,8 +272,12 @@ impl TpLeader {
 }
 
 impl StepExecutor for TpLeader {
-    fn execute(&mut self, batch: &StepBatch) -> Result<Vec<f32>, ExecutorError> {
-        Ok(self.step(batch)?)
+    fn execute(
+        &mut self,
+        batch: &StepBatch,
+        sampling: &StepSampling,
+    ) -> Result<StepOutput, ExecutorError> {
+        Ok(self.step(batch, sampling)?)
     }
 }
 
@@ -370,7 +385,12 @@ pub fn run_follower(
                 batch
                     .validate(kv.spec().num_blocks)
                     .map_err(|e| from_leader(format!("invalid step batch: {e}")))?;
-                model.forward(backend.as_mut(), &mut kv, &batch)?;
+                // The logits stay on the device (rank 0 samples); the wait bounds this step's
+                // collectives before the next command is read.
+                model.forward_logits(backend.as_mut(), &mut kv, &batch)?;
+                backend
+                    .synchronize()
+                    .map_err(|e| TpError::Step(allam_engine::StepError::Synchronize(e)))?;
             }
             Command::Shutdown => return Ok(()),
             Command::Init { .. } => return Err(from_leader("a second `Init`".to_owned())),

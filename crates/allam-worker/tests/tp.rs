@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use allam_backend::{KvCache, StepBatch};
+use allam_backend::{KvCache, RowSampling, StepBatch};
 use allam_backend_cpu::{CpuBackend, CpuBackendConfig};
 use allam_comm::{join, GroupOptions, LeaderGroup, Rendezvous};
-use allam_engine::{EngineConfig, ExecutorError, StepExecutor};
+use allam_engine::{
+    run_model_step, EngineConfig, ExecutorError, StepExecutor, StepOutput, StepSampling,
+};
 use allam_model::{LoadOptions, Model, ProgressMode};
 use allam_request::{validate, Limits, PromptInput, RawRequest, RawSamplingParams};
 use allam_tokenizer::Tokenizer;
@@ -171,8 +173,18 @@ impl Solo {
 }
 
 impl StepExecutor for Solo {
-    fn execute(&mut self, batch: &StepBatch) -> Result<Vec<f32>, ExecutorError> {
-        Ok(self.model.forward(&mut self.backend, &mut self.kv, batch)?)
+    fn execute(
+        &mut self,
+        batch: &StepBatch,
+        sampling: &StepSampling,
+    ) -> Result<StepOutput, ExecutorError> {
+        Ok(run_model_step(
+            &self.model,
+            &mut self.backend,
+            &mut self.kv,
+            batch,
+            sampling,
+        )?)
     }
 }
 
@@ -254,13 +266,27 @@ fn generate(
         if batch.seqs.is_empty() {
             return out;
         }
-        let logits = exec.execute(&batch).expect("step");
-        assert_eq!(logits.len(), sampling.len() * vocab);
-        for (row, i) in logits.chunks_exact(vocab).zip(sampling) {
-            if out[i].1.is_empty() {
-                out[i].0 = row.to_vec();
-            }
-            let next = argmax(row);
+        // A sequence's first row comes back as logits (compared with the goldens); later
+        // rows are sampled greedily by the backend, so both step shapes are exercised.
+        let plan = StepSampling {
+            rows: sampling
+                .iter()
+                .map(|&i| (!out[i].1.is_empty()).then(RowSampling::greedy))
+                .collect(),
+            n_top: 0,
+        };
+        let output = exec.execute(&batch, &plan).expect("step");
+        assert_eq!(output.sampled.len(), sampling.len());
+        for (r, &i) in sampling.iter().enumerate() {
+            let next = match &output.sampled[r] {
+                Some(pick) => pick.token,
+                None => {
+                    let logits = output.logits.as_ref().expect("a row asked for logits");
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    out[i].0 = row.to_vec();
+                    argmax(row)
+                }
+            };
             out[i].1.push(next);
             tokens[i].push(next);
         }
@@ -586,7 +612,13 @@ fn a_bad_batch_fails_alone_and_the_group_goes_on() {
     };
     batch.push_seq(&[1, 4000], 2, vec![0]);
     batch.logits_rows.push(1);
-    let err = leader.execute(&batch).expect_err("id 4000 of 4000");
+    let logits_row = StepSampling {
+        rows: vec![None],
+        n_top: 0,
+    };
+    let err = leader
+        .execute(&batch, &logits_row)
+        .expect_err("id 4000 of 4000");
     assert!(err.to_string().contains("token id 4000"), "{err}");
     let mut far_block = batch.clone();
     far_block.token_ids[1] = 5;
@@ -596,7 +628,7 @@ fn a_bad_batch_fails_alone_and_the_group_goes_on() {
         (NUM_BLOCKS * BLOCK_SIZE + 1) as u32,
     ];
     assert!(
-        leader.execute(&far_block).is_err(),
+        leader.execute(&far_block, &logits_row).is_err(),
         "block outside the cache"
     );
     assert!(leader.health().is_healthy(), "rejected before broadcast");

@@ -67,7 +67,12 @@ static void test_embedding(unsigned hidden, unsigned row_offset) {
     Buf<bf16> table(rows_table * hidden), out(n * hidden);
     fill_bf16(table, 1.0);
     Buf<u32> ids(n);
-    for (unsigned i = 0; i < n; ++i) ids[i] = (unsigned)(g_rng() % (rows_table + 20));  // some outside
+    for (unsigned i = 0; i < n; ++i) ids[i] = (unsigned)(g_rng() % (row_offset + rows_table + 20));  // some outside
+    // The slice's edges: its first and last row, and the ids just outside it.
+    ids[0] = row_offset;
+    ids[1] = row_offset + rows_table - 1;
+    ids[2] = row_offset + rows_table;
+    if (row_offset > 0) ids[3] = row_offset - 1;
     emu::launch(dim3{n, 1, 1}, dim3{256, 1, 1},
                 [&] { embedding_gather_bf16(table.p, ids.p, out.p, rows_table, row_offset, hidden); });
     double err = 0;
@@ -458,7 +463,10 @@ static void test_sampling() {
 
 int main() {
     for (unsigned hidden : {24u, 64u}) test_embedding(hidden, 0);
+    // Vocabulary-parallel slices (ids below and past the slice give zero rows), on the
+    // 16-byte vector path and the scalar one.
     test_embedding(64, 30);
+    test_embedding(24, 30);
     for (bool fused : {false, true}) {
         test_rmsnorm(100, 32, fused);
         test_rmsnorm(256, 64, fused);

@@ -3,7 +3,8 @@
 //! past the 1e-3 tolerance (logit std is about 8).
 
 use crate::support::{
-    cpu_backend, golden_cases, load, logprob, max_abs_diff, run, GoldenCase, SeqResult, SeqSpec,
+    cpu_backend, golden_cases, load, logprob, max_abs_diff, run, run_padded, GoldenCase, SeqResult,
+    SeqSpec,
 };
 
 const TOL: f32 = 1e-3;
@@ -155,4 +156,38 @@ fn batching_two_cases_does_not_change_their_logits() {
         "{}",
         b.id
     );
+}
+
+/// Decode steps padded as a CUDA graph replay pads them (dummy sequences in slot `PAD_SLOT`,
+/// rows dropped) reproduce the goldens, and the real rows do not move: padding writes no KV
+/// and takes nothing from the batch's sequences.
+#[test]
+fn padded_decode_steps_match_goldens_and_the_unpadded_run() {
+    for model_name in ["tiny-allam", "tiny-allam-gqa"] {
+        let mut backend = cpu_backend();
+        let model = load(model_name, &mut backend);
+        let cases = golden_cases(model_name);
+        let specs: Vec<SeqSpec> = cases
+            .iter()
+            .map(|case| SeqSpec {
+                prompt: case.input_ids.clone(),
+                chunk: usize::MAX,
+                max_new: case.greedy_ids.len(),
+                all_prompt_logits: false,
+            })
+            .collect();
+        let plain = run(&model, &mut backend, &specs);
+        let padded = run_padded(&model, &mut backend, &specs, Some(cases.len() + 3));
+        for ((case, p), q) in cases.iter().zip(&padded).zip(&plain) {
+            check_case(case, p, model.config().vocab_size, false);
+            assert_eq!(p.generated, q.generated, "{model_name} {}", case.id);
+            let drift = p
+                .generated_logprobs
+                .iter()
+                .zip(&q.generated_logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(drift < 1e-5, "{model_name} {}: {drift}", case.id);
+        }
+    }
 }

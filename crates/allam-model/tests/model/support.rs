@@ -133,6 +133,17 @@ struct SeqState {
 /// unfinished sequence (so prefill chunks and decodes mix). Blocks are handed out in a
 /// scrambled order so block tables are never contiguous.
 pub fn run(model: &Model, backend: &mut CpuBackend, specs: &[SeqSpec]) -> Vec<SeqResult> {
+    run_padded(model, backend, specs, None)
+}
+
+/// [`run`], with every pure decode step padded to `pad_decode_to` sequences as a CUDA graph
+/// replay pads it ([`StepBatch::padded_decode`]); the padding rows' logits are dropped.
+pub fn run_padded(
+    model: &Model,
+    backend: &mut CpuBackend,
+    specs: &[SeqSpec],
+    pad_decode_to: Option<usize>,
+) -> Vec<SeqResult> {
     let vocab = model.config().vocab_size;
     let mut kv: KvCache = model
         .alloc_kv_cache(backend, NUM_BLOCKS, BLOCK_SIZE)
@@ -191,7 +202,12 @@ pub fn run(model: &Model, backend: &mut CpuBackend, specs: &[SeqSpec]) -> Vec<Se
             }
             state.computed = end;
         }
-        let logits = model.forward(backend, &mut kv, &batch).expect("forward");
+        let max_blocks = (NUM_BLOCKS / 2) as u32;
+        let padded = pad_decode_to.and_then(|size| batch.padded_decode(size, max_blocks));
+        let mut logits = model
+            .forward(backend, &mut kv, padded.as_ref().unwrap_or(&batch))
+            .expect("forward");
+        logits.truncate(batch.logits_rows.len() * vocab);
         assert_eq!(logits.len(), batch.logits_rows.len() * vocab);
         for (i, first, n_rows) in samplers {
             let rows = &logits[first * vocab..(first + n_rows) * vocab];

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use allam_backend::StepBatch;
 use allam_engine::{
     Engine, EngineConfig, EngineHandle, EventStream, ExecutorError, ModelInfo, StepExecutor,
+    StepOutput, StepSampling,
 };
 use allam_request::{validate, Limits, PromptInput, RawRequest, RawSamplingParams, ValidRequest};
 use allam_tokenizer::Tokenizer;
@@ -265,7 +266,11 @@ pub fn fake_logits(context: &[TokenId], vocab: usize) -> Vec<f32> {
 }
 
 impl StepExecutor for FakeKvModel {
-    fn execute(&mut self, batch: &StepBatch) -> Result<Vec<f32>, ExecutorError> {
+    fn execute(
+        &mut self,
+        batch: &StepBatch,
+        sampling: &StepSampling,
+    ) -> Result<StepOutput, ExecutorError> {
         self.gate.pass();
         if self.fail.load(Ordering::SeqCst) {
             return Err("injected device fault".into());
@@ -296,7 +301,7 @@ impl StepExecutor for FakeKvModel {
             }
             logits.extend(fake_logits(&context, self.vocab));
         }
-        Ok(logits)
+        Ok(StepOutput::from_host_logits(logits, sampling))
     }
 }
 

@@ -1,0 +1,341 @@
+//! The sampling rules every backend implements in [`crate::Backend::sample`], and their host
+//! statement [`sample_row`].
+//!
+//! One statement for every device, so that a request's tokens depend on its logits, its
+//! parameters and its seed, never on whether the draw ran in a GPU kernel
+//! (`kernels/sampling.cu`) or on the host (the CPU twin, and the engine's path for requests
+//! with penalties):
+//! - `temperature <= 0` or `top_k == 1` is greedy: the first maximal id; NaN never wins.
+//! - Otherwise weights are `exp((l - max) / T)`. Top-k keeps the logits `>=` the k-th largest;
+//!   top-p then keeps the logits `>=` the largest threshold whose kept weight reaches
+//!   `top_p` times the top-k weight (ties at a threshold are all kept, so the rule does not
+//!   depend on how a sort orders equal logits).
+//! - The token is the first id, **in id order**, whose running kept weight exceeds
+//!   `uniform * kept weight`: a scan in id order needs no sort on the device.
+//! - Logprobs are `log_softmax` of the raw logits (before temperature or filtering), the
+//!   chosen token's and the `n_top` largest (descending, ties by id), as vLLM reports them.
+
+use std::cmp::Ordering;
+
+/// Most top logprobs a backend reports per row (the kernel's fixed per-row buffer).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// One row's sampling parameters. `uniform` is the caller's seeded draw in `[0, 1)`, so the
+/// result is reproducible and independent of the batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    /// `>= 1` disables top-p.
+    pub top_p: f32,
+    pub uniform: f32,
+}
+
+impl RowSampling {
+    pub fn greedy() -> RowSampling {
+        RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            uniform: 0.0,
+        }
+    }
+
+    /// Whether the row ignores its draw.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0 || self.top_k == 1
+    }
+
+    /// The draw as every backend uses it: inside `[0, 1)` even for a careless caller.
+    pub fn clamped_uniform(&self) -> f32 {
+        if self.uniform.is_nan() {
+            0.0
+        } else {
+            self.uniform.clamp(0.0, 1.0 - f32::EPSILON)
+        }
+    }
+}
+
+/// One row's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub token: u32,
+    /// Raw `log_softmax` of the chosen token.
+    pub logprob: f32,
+    /// The `n_top` largest raw logprobs, descending (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// NaN reads as `-inf` everywhere: a broken logit can never be chosen or outrank a real one.
+fn value(l: f32) -> f64 {
+    if l.is_nan() {
+        f64::NEG_INFINITY
+    } else {
+        f64::from(l)
+    }
+}
+
+fn desc(a: f64, b: f64) -> Ordering {
+    b.total_cmp(&a)
+}
+
+/// [`sample_row_with_margin`] without the margin.
+pub fn sample_row(row: &[f32], p: &RowSampling, n_top: usize) -> SampledToken {
+    sample_row_with_margin(row, p, n_top).0
+}
+
+/// Applies the module's rules to one row on the host, in f64. Also returns how far (as a
+/// fraction of the kept weight) the draw landed from the chosen token's CDF boundaries
+/// (infinite for greedy rows): a device that accumulates in f32 can only pick differently
+/// when that is tiny, which is how the GPU self-check tells rounding from a bug.
+pub fn sample_row_with_margin(row: &[f32], p: &RowSampling, n_top: usize) -> (SampledToken, f64) {
+    if row.is_empty() {
+        // Callers check shapes; an empty row still must not panic.
+        let none = SampledToken {
+            token: 0,
+            logprob: f32::NEG_INFINITY,
+            top: Vec::new(),
+        };
+        return (none, f64::INFINITY);
+    }
+    let mut argmax = 0usize;
+    let mut max = f64::NEG_INFINITY;
+    for (i, &l) in row.iter().enumerate() {
+        let v = value(l);
+        if v > max {
+            argmax = i;
+            max = v;
+        }
+    }
+    let lse = if max.is_finite() {
+        max + row
+            .iter()
+            .map(|&l| (value(l) - max).exp())
+            .sum::<f64>()
+            .ln()
+    } else {
+        max
+    };
+
+    let mut chosen = argmax;
+    let mut margin = f64::INFINITY;
+    if !p.is_greedy() && max.is_finite() {
+        (chosen, margin) = draw(row, p, max);
+    }
+
+    let top = top_n(row, n_top)
+        .into_iter()
+        .map(|i| (i as u32, (value(row[i]) - lse) as f32))
+        .collect();
+    (
+        SampledToken {
+            token: chosen as u32,
+            logprob: (value(row[chosen]) - lse) as f32,
+            top,
+        },
+        margin,
+    )
+}
+
+/// The stochastic pick of a row whose largest logit `max` is finite: (id, margin).
+fn draw(row: &[f32], p: &RowSampling, max: f64) -> (usize, f64) {
+    let inv_t = 1.0 / f64::from(p.temperature);
+    let w = |v: f64| ((v - max) * inv_t).exp();
+    let k = p.top_k as usize;
+    let floor = if k == 0 || k >= row.len() {
+        f64::NEG_INFINITY
+    } else {
+        let mut values: Vec<f64> = row.iter().map(|&l| value(l)).collect();
+        let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| desc(*a, *b));
+        *kth
+    };
+    let kept_weight = |threshold: f64| -> f64 {
+        row.iter()
+            .map(|&l| value(l))
+            .filter(|v| *v >= threshold)
+            .map(w)
+            .sum()
+    };
+    let mut threshold = floor;
+    if p.top_p < 1.0 {
+        let target = f64::from(p.top_p) * kept_weight(floor);
+        let mut kept: Vec<f64> = row
+            .iter()
+            .map(|&l| value(l))
+            .filter(|v| *v >= floor)
+            .collect();
+        kept.sort_unstable_by(|a, b| desc(*a, *b));
+        let mut cumulative = 0.0;
+        let mut i = 0;
+        while i < kept.len() {
+            let v = kept[i];
+            while i < kept.len() && kept[i] == v {
+                cumulative += w(v);
+                i += 1;
+            }
+            if cumulative >= target {
+                threshold = v;
+                break;
+            }
+        }
+    }
+    let mass = kept_weight(threshold);
+    let target = f64::from(p.clamped_uniform()) * mass;
+    let mut run = 0.0;
+    let mut last_kept = 0usize;
+    for (i, &l) in row.iter().enumerate() {
+        let v = value(l);
+        if v >= threshold {
+            let before = run;
+            run += w(v);
+            last_kept = i;
+            if run > target {
+                return (i, (target - before).min(run - target) / mass);
+            }
+        }
+    }
+    // Only reachable when rounding leaves the draw at the very top of the mass.
+    (last_kept, 0.0)
+}
+
+/// Ids of the `n` largest logits, descending, ties by id.
+fn top_n(row: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(row.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let by_desc = |a: &usize, b: &usize| desc(value(row[*a]), value(row[*b])).then(a.cmp(b));
+    let mut ids: Vec<usize> = (0..row.len()).collect();
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n - 1, by_desc);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(by_desc);
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampled(row: &[f32], temperature: f32, top_k: u32, top_p: f32, uniform: f32) -> u32 {
+        let p = RowSampling {
+            temperature,
+            top_k,
+            top_p,
+            uniform,
+        };
+        sample_row(row, &p, 0).token
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let row = [1.0, 5.0, 5.0, -1.0];
+        assert_eq!(sample_row(&row, &RowSampling::greedy(), 0).token, 1);
+        // top_k = 1 is greedy whatever the temperature and draw.
+        assert_eq!(sampled(&row, 2.0, 1, 1.0, 0.99), 1);
+        // NaN never wins, even first.
+        assert_eq!(sampled(&[f32::NAN, 1.0], 0.0, 0, 1.0, 0.0), 1);
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest_and_draws_in_id_order() {
+        let row = [0.0, 10.0, 9.0, -5.0];
+        assert_eq!(sampled(&row, 1.0, 2, 1.0, 0.0), 1);
+        assert_eq!(sampled(&row, 1.0, 2, 1.0, 0.999), 2);
+        // p(1) = 1 / (1 + e^-1) = 0.731 within the top 2.
+        assert_eq!(sampled(&row, 1.0, 2, 1.0, 0.72), 1);
+        assert_eq!(sampled(&row, 1.0, 2, 1.0, 0.74), 2);
+    }
+
+    #[test]
+    fn top_p_cuts_the_tail_and_keeps_ties() {
+        // Probabilities 0.5, 0.25, 0.25 (ties), 0: top_p 0.5 keeps only id 0; 0.6 keeps the
+        // tie pair too (both at the threshold).
+        let l2 = 2f32.ln();
+        let row = [l2, 0.0, 0.0, f32::NEG_INFINITY];
+        assert_eq!(sampled(&row, 1.0, 0, 0.5, 0.99), 0);
+        assert_eq!(sampled(&row, 1.0, 0, 0.6, 0.99), 2);
+        assert_eq!(sampled(&row, 1.0, 0, 0.6, 0.6), 1);
+    }
+
+    #[test]
+    fn temperature_flattens_the_draw() {
+        let row = [1.0, 0.0];
+        // T = 1: p(0) = 0.731; a draw of 0.8 lands on id 1. T = 100: p(0) ~ 0.5025.
+        assert_eq!(sampled(&row, 1.0, 0, 1.0, 0.8), 1);
+        assert_eq!(sampled(&row, 1.0, 0, 1.0, 0.7), 0);
+        assert_eq!(sampled(&row, 100.0, 0, 1.0, 0.45), 0);
+        assert_eq!(sampled(&row, 100.0, 0, 1.0, 0.51), 1);
+    }
+
+    #[test]
+    fn an_empty_row_is_not_a_panic() {
+        let s = sample_row(&[], &RowSampling::greedy(), 3);
+        assert_eq!((s.token, s.top.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_draw_of_one_or_nan_stays_inside_the_kept_mass() {
+        let row = [0.0, 0.0, f32::NEG_INFINITY];
+        assert_eq!(sampled(&row, 1.0, 0, 1.0, 1.0), 1);
+        assert_eq!(sampled(&row, 1.0, 0, 1.0, f32::NAN), 0);
+    }
+
+    #[test]
+    fn logprobs_are_raw_and_top_n_is_sorted_with_id_ties() {
+        let row = [0.0, 3.0, 3.0, f32::NAN, 1.0];
+        let s = sample_row(&row, &RowSampling::greedy(), 3);
+        let lse = (3.0f64.exp() * 2.0 + 1.0 + 1.0f64.exp()).ln();
+        assert!((f64::from(s.logprob) - (3.0 - lse)).abs() < 1e-6);
+        let ids: Vec<u32> = s.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 4]);
+        assert!((f64::from(s.top[2].1) - (1.0 - lse)).abs() < 1e-6);
+        // Temperature does not change the reported logprobs.
+        let hot = RowSampling {
+            temperature: 5.0,
+            top_k: 0,
+            top_p: 1.0,
+            uniform: 0.3,
+        };
+        let t = sample_row(&row, &hot, 3);
+        assert_eq!(t.top, s.top);
+    }
+
+    /// The frequencies of many seeded draws follow the kept, renormalised distribution.
+    #[test]
+    fn draws_follow_the_filtered_distribution() {
+        let row = [2.0f32, 1.0, 0.5, 0.0, -1.0, -3.0];
+        let p = |uniform| RowSampling {
+            temperature: 0.7,
+            top_k: 4,
+            top_p: 0.9,
+            uniform,
+        };
+        let n = 20_000;
+        let mut counts = [0usize; 6];
+        for i in 0..n {
+            let u = (i as f32 + 0.5) / n as f32;
+            counts[sample_row(&row, &p(u), 0).token as usize] += 1;
+        }
+        // Expected: top-4 ids 0..4, weights exp((l - 2) / 0.7); top-p 0.9 then drops id 3
+        // when the first three already hold >= 90%.
+        let w: Vec<f64> = row[..4]
+            .iter()
+            .map(|&l| ((f64::from(l) - 2.0) / 0.7).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let keep = if (w[0] + w[1] + w[2]) / total >= 0.9 {
+            3
+        } else {
+            4
+        };
+        let kept: f64 = w[..keep].iter().sum();
+        for id in 0..6 {
+            let want = if id < keep { w[id] / kept } else { 0.0 };
+            let got = counts[id] as f64 / n as f64;
+            assert!((got - want).abs() < 2e-3, "id {id}: {got} vs {want}");
+        }
+    }
+}
