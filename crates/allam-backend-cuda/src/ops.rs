@@ -586,11 +586,11 @@ impl Backend for CudaBackend {
         &mut self,
         logits: &Tensor,
         rows: &[RowSampling],
-        n_top: usize,
+        logprobs: Option<usize>,
     ) -> Result<Vec<SampledToken>, OpError> {
         // Sampling ends in a blocking copy: in a group, bound the wait for the collectives.
         self.settle_collectives("sample")?;
-        self.sample_on_device(logits, rows, n_top)
+        self.sample_on_device(logits, rows, logprobs)
     }
 
     fn gather_rows(

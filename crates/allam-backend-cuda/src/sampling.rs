@@ -21,12 +21,19 @@ impl CudaBackend {
         &mut self,
         logits: &Tensor,
         rows: &[RowSampling],
-        n_top: usize,
+        logprobs: Option<usize>,
     ) -> Result<Vec<SampledToken>, OpError> {
         const OP: &str = "sample";
         self.bind(OP)?;
-        let vocab =
-            checks::sample_args(OP, storage::BACKEND_NAME, logits.shape(), rows.len(), n_top)?;
+        let vocab = checks::sample_args(
+            OP,
+            storage::BACKEND_NAME,
+            logits.shape(),
+            rows.len(),
+            logprobs,
+        )?;
+        // The kernel computes the chosen logprob anyway (one more pass over a row it has read).
+        let n_top = logprobs.unwrap_or(0);
         let n_rows = rows.len();
         if n_rows == 0 {
             return Ok(Vec::new());
@@ -87,7 +94,11 @@ impl CudaBackend {
         Ok((0..n_rows)
             .map(|r| SampledToken {
                 token: ids_host[r],
-                logprob: lps_host[r],
+                logprob: if logprobs.is_some() {
+                    lps_host[r]
+                } else {
+                    f32::NAN
+                },
                 top: (0..n_top)
                     .map(|j| {
                         let at = top_base + r * SAMPLE_MAX_TOP + j;

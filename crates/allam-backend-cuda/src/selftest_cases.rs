@@ -469,7 +469,7 @@ fn sampling(h: &mut Harness) {
         let mut logits = g.alloc_logits(&[rows, vocab])?;
         g.linear(&xt, &wt, &mut logits)?;
         let host = g.to_host_f32(&logits)?;
-        let picks = g.sample(&logits, &params, n_top)?;
+        let picks = g.sample(&logits, &params, Some(n_top))?;
         Ok((host, picks))
     };
     let (gpu_logits, picks) = match gpu_run() {
@@ -496,7 +496,7 @@ fn sampling(h: &mut Harness) {
     let (mut lp_gpu, mut lp_ref) = (Vec::new(), Vec::new());
     for r in 0..rows {
         let row = &gpu_logits[r * vocab..(r + 1) * vocab];
-        let (want, margin) = sample_row_with_margin(row, &params[r], n_top);
+        let (want, margin) = sample_row_with_margin(row, &params[r], Some(n_top));
         let got = &picks[r];
         let top_ids_match = got.top.iter().map(|t| t.0).eq(want.top.iter().map(|t| t.0));
         if got.token != want.token || !top_ids_match {

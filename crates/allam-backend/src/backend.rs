@@ -240,29 +240,29 @@ pub trait Backend: Send {
     ) -> Result<(), Error>;
 
     /// Picks one token per row of `logits` (the f32 `[rows.len(), vocab]` `lm_head` output of
-    /// [`Backend::alloc_logits`]) by the rules of [`crate::sampling`], with each row's
-    /// `n_top <= MAX_TOP_LOGPROBS` largest raw logprobs. Waits for queued work. Only ids and
-    /// a few floats come back: a GPU backend samples in a kernel so the logits never cross
-    /// to the host. The default reads them to the host and applies [`sample_row`], which is
-    /// the statement every override must match.
+    /// [`Backend::alloc_logits`]) by the rules of [`crate::sampling`]; with `logprobs:
+    /// Some(n)` (`n <= MAX_TOP_LOGPROBS`) also each pick's raw logprob and the row's `n`
+    /// largest. Waits for queued work. Only ids and a few floats come back: a GPU backend
+    /// samples in a kernel so the logits never cross to the host. The default reads them to
+    /// the host and applies [`sample_row`], which is the statement every override must match.
     fn sample(
         &mut self,
         logits: &Tensor,
         rows: &[RowSampling],
-        n_top: usize,
+        logprobs: Option<usize>,
     ) -> Result<Vec<SampledToken>, Error> {
         let vocab = checks::sample_args(
             "sample",
             self.info().name,
             logits.shape(),
             rows.len(),
-            n_top,
+            logprobs,
         )?;
         let host = self.to_host_f32(logits)?;
         Ok(rows
             .iter()
             .zip(host.chunks_exact(vocab))
-            .map(|(p, row)| sample_row(row, p, n_top))
+            .map(|(p, row)| sample_row(row, p, logprobs))
             .collect())
     }
 

@@ -65,15 +65,16 @@ pub fn expect_rows(
     Ok(cols)
 }
 
-/// `sample`: `logits` is `[rows.len(), vocab]` with `vocab > 0`, and `n_top` fits the
-/// per-row buffer every backend reports into. Returns `vocab`.
+/// `sample`: `logits` is `[rows.len(), vocab]` with `vocab > 0`, and the top logprobs asked
+/// for fit the per-row buffer every backend reports into. Returns `vocab`.
 pub fn sample_args(
     op: &'static str,
     backend: &'static str,
     logits: &[usize],
     rows: usize,
-    n_top: usize,
+    logprobs: Option<usize>,
 ) -> Result<usize, Error> {
+    let n_top = logprobs.unwrap_or(0);
     let vocab = expect_rows(op, "logits", logits, rows)?;
     if vocab == 0 {
         return Err(Error::shape(op, "logits", "[rows, vocab > 0]", logits));

@@ -13,7 +13,9 @@
 //! - The token is the first id, **in id order**, whose running kept weight exceeds
 //!   `uniform * kept weight`: a scan in id order needs no sort on the device.
 //! - Logprobs are `log_softmax` of the raw logits (before temperature or filtering), the
-//!   chosen token's and the `n_top` largest (descending, ties by id), as vLLM reports them.
+//!   chosen token's and the `n` largest (descending, ties by id), as vLLM reports them. They
+//!   are computed only when asked for (`logprobs: Some(n)`): a softmax denominator over the
+//!   vocabulary costs more on a CPU than the pick itself.
 
 use std::cmp::Ordering;
 
@@ -61,9 +63,9 @@ impl RowSampling {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampledToken {
     pub token: u32,
-    /// Raw `log_softmax` of the chosen token.
+    /// Raw `log_softmax` of the chosen token (NaN when no logprobs were asked for).
     pub logprob: f32,
-    /// The `n_top` largest raw logprobs, descending (ties by id).
+    /// The `n` largest raw logprobs of `logprobs: Some(n)`, descending (ties by id).
     pub top: Vec<(u32, f32)>,
 }
 
@@ -81,15 +83,19 @@ fn desc(a: f64, b: f64) -> Ordering {
 }
 
 /// [`sample_row_with_margin`] without the margin.
-pub fn sample_row(row: &[f32], p: &RowSampling, n_top: usize) -> SampledToken {
-    sample_row_with_margin(row, p, n_top).0
+pub fn sample_row(row: &[f32], p: &RowSampling, logprobs: Option<usize>) -> SampledToken {
+    sample_row_with_margin(row, p, logprobs).0
 }
 
 /// Applies the module's rules to one row on the host, in f64. Also returns how far (as a
 /// fraction of the kept weight) the draw landed from the chosen token's CDF boundaries
 /// (infinite for greedy rows): a device that accumulates in f32 can only pick differently
 /// when that is tiny, which is how the GPU self-check tells rounding from a bug.
-pub fn sample_row_with_margin(row: &[f32], p: &RowSampling, n_top: usize) -> (SampledToken, f64) {
+pub fn sample_row_with_margin(
+    row: &[f32],
+    p: &RowSampling,
+    logprobs: Option<usize>,
+) -> (SampledToken, f64) {
     if row.is_empty() {
         // Callers check shapes; an empty row still must not panic.
         let none = SampledToken {
@@ -108,6 +114,20 @@ pub fn sample_row_with_margin(row: &[f32], p: &RowSampling, n_top: usize) -> (Sa
             max = v;
         }
     }
+    let mut chosen = argmax;
+    let mut margin = f64::INFINITY;
+    if !p.is_greedy() && max.is_finite() {
+        (chosen, margin) = draw(row, p, max);
+    }
+
+    let Some(n_top) = logprobs else {
+        let token = SampledToken {
+            token: chosen as u32,
+            logprob: f32::NAN,
+            top: Vec::new(),
+        };
+        return (token, margin);
+    };
     let lse = if max.is_finite() {
         max + row
             .iter()
@@ -117,13 +137,6 @@ pub fn sample_row_with_margin(row: &[f32], p: &RowSampling, n_top: usize) -> (Sa
     } else {
         max
     };
-
-    let mut chosen = argmax;
-    let mut margin = f64::INFINITY;
-    if !p.is_greedy() && max.is_finite() {
-        (chosen, margin) = draw(row, p, max);
-    }
-
     let top = top_n(row, n_top)
         .into_iter()
         .map(|i| (i as u32, (value(row[i]) - lse) as f32))
@@ -226,13 +239,13 @@ mod tests {
             top_p,
             uniform,
         };
-        sample_row(row, &p, 0).token
+        sample_row(row, &p, None).token
     }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
         let row = [1.0, 5.0, 5.0, -1.0];
-        assert_eq!(sample_row(&row, &RowSampling::greedy(), 0).token, 1);
+        assert_eq!(sample_row(&row, &RowSampling::greedy(), Some(0)).token, 1);
         // top_k = 1 is greedy whatever the temperature and draw.
         assert_eq!(sampled(&row, 2.0, 1, 1.0, 0.99), 1);
         // NaN never wins, even first.
@@ -272,7 +285,7 @@ mod tests {
 
     #[test]
     fn an_empty_row_is_not_a_panic() {
-        let s = sample_row(&[], &RowSampling::greedy(), 3);
+        let s = sample_row(&[], &RowSampling::greedy(), Some(3));
         assert_eq!((s.token, s.top.len()), (0, 0));
     }
 
@@ -286,7 +299,7 @@ mod tests {
     #[test]
     fn logprobs_are_raw_and_top_n_is_sorted_with_id_ties() {
         let row = [0.0, 3.0, 3.0, f32::NAN, 1.0];
-        let s = sample_row(&row, &RowSampling::greedy(), 3);
+        let s = sample_row(&row, &RowSampling::greedy(), Some(3));
         let lse = (3.0f64.exp() * 2.0 + 1.0 + 1.0f64.exp()).ln();
         assert!((f64::from(s.logprob) - (3.0 - lse)).abs() < 1e-6);
         let ids: Vec<u32> = s.top.iter().map(|t| t.0).collect();
@@ -299,8 +312,12 @@ mod tests {
             top_p: 1.0,
             uniform: 0.3,
         };
-        let t = sample_row(&row, &hot, 3);
+        let t = sample_row(&row, &hot, Some(3));
         assert_eq!(t.top, s.top);
+        // Not asking for logprobs changes nothing but the logprobs.
+        let u = sample_row(&row, &hot, None);
+        assert_eq!(u.token, t.token);
+        assert!(u.logprob.is_nan() && u.top.is_empty());
     }
 
     /// The frequencies of many seeded draws follow the kept, renormalised distribution.
@@ -317,7 +334,7 @@ mod tests {
         let mut counts = [0usize; 6];
         for i in 0..n {
             let u = (i as f32 + 0.5) / n as f32;
-            counts[sample_row(&row, &p(u), 0).token as usize] += 1;
+            counts[sample_row(&row, &p(u), None).token as usize] += 1;
         }
         // Expected: top-4 ids 0..4, weights exp((l - 2) / 0.7); top-p 0.9 then drops id 3
         // when the first three already hold >= 90%.

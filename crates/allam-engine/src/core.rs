@@ -343,7 +343,7 @@ impl EngineCore {
     fn plan_sampling(&mut self, plan: &StepPlan) {
         let rows = &mut self.sampling.rows;
         rows.clear();
-        let mut n_top = 0usize;
+        let mut logprobs: Option<usize> = None;
         for s in &plan.seqs {
             rows.extend(std::iter::repeat_n(None, s.prompt_rows.len()));
             if !s.samples {
@@ -365,7 +365,9 @@ impl EngineCore {
                         &mut out.rng,
                     );
                     if row.is_some() {
-                        n_top = n_top.max(state.params.logprobs.unwrap_or(0) as usize);
+                        if let Some(n) = state.params.logprobs {
+                            logprobs = Some(logprobs.unwrap_or(0).max(n as usize));
+                        }
                     }
                     row
                 }
@@ -373,7 +375,7 @@ impl EngineCore {
             };
             rows.push(row);
         }
-        self.sampling.n_top = n_top;
+        self.sampling.logprobs = logprobs;
     }
 
     fn process_outputs(&mut self, plan: &StepPlan, output: &StepOutput) {

@@ -38,9 +38,10 @@ pub struct StepSampling {
     /// One entry per `batch.logits_rows` entry, in that order: `Some` samples the row by
     /// these parameters, `None` asks for the row's logits.
     pub rows: Vec<Option<RowSampling>>,
-    /// Top logprobs to report for each sampled row (the most any of them asked for; at most
-    /// `allam_backend::sampling::MAX_TOP_LOGPROBS`).
-    pub n_top: usize,
+    /// `Some(n)` when some sampled row reports logprobs: each pick's logprob and its row's
+    /// `n` largest (the most any row asked for; at most
+    /// `allam_backend::sampling::MAX_TOP_LOGPROBS`). `None` skips the softmax denominator.
+    pub logprobs: Option<usize>,
 }
 
 impl StepSampling {
@@ -71,7 +72,7 @@ impl StepOutput {
             .enumerate()
             .map(|(r, p)| {
                 let row = logits.get(r * vocab..(r + 1) * vocab)?;
-                p.as_ref().map(|p| sample_row(row, p, sampling.n_top))
+                p.as_ref().map(|p| sample_row(row, p, sampling.logprobs))
             })
             .collect();
         StepOutput {
@@ -113,7 +114,7 @@ pub fn run_model_step(
     }
     let rows: Vec<RowSampling> = sampling.rows.iter().flatten().copied().collect();
     let picks = backend
-        .sample(&logits, &rows, sampling.n_top)
+        .sample(&logits, &rows, sampling.logprobs)
         .map_err(StepError::Sample)?;
     Ok(StepOutput {
         logits: None,
@@ -153,7 +154,7 @@ mod tests {
         let logits = vec![0.0, 2.0, 1.0, 5.0, -1.0, 0.0];
         let sampling = StepSampling {
             rows: vec![None, Some(RowSampling::greedy())],
-            n_top: 2,
+            logprobs: Some(2),
         };
         let out = StepOutput::from_host_logits(logits.clone(), &sampling);
         assert_eq!(out.logits.as_deref(), Some(&logits[..]));

@@ -83,7 +83,7 @@ impl Sampler {
             top_p: params.top_p,
             uniform: rng.random::<f32>(),
         };
-        sample_row(&self.work, &row, 0).token
+        sample_row(&self.work, &row, None).token
     }
 
     /// The row a backend can sample by itself, or `None` when this decision needs the host
@@ -428,7 +428,7 @@ mod tests {
                 let host = Sampler::new(vocab).sample(&input, &mut host_rng);
                 let row = Sampler::backend_row(&input, &mut backend_rng).expect("plain row");
                 assert_eq!(
-                    sample_row(&logits, &row, 0).token,
+                    sample_row(&logits, &row, None).token,
                     host,
                     "{p:?} seed {seed}"
                 );

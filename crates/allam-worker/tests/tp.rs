@@ -273,7 +273,7 @@ fn generate(
                 .iter()
                 .map(|&i| (!out[i].1.is_empty()).then(RowSampling::greedy))
                 .collect(),
-            n_top: 0,
+            logprobs: None,
         };
         let output = exec.execute(&batch, &plan).expect("step");
         assert_eq!(output.sampled.len(), sampling.len());
@@ -614,7 +614,7 @@ fn a_bad_batch_fails_alone_and_the_group_goes_on() {
     batch.logits_rows.push(1);
     let logits_row = StepSampling {
         rows: vec![None],
-        n_top: 0,
+        logprobs: None,
     };
     let err = leader
         .execute(&batch, &logits_row)
