@@ -280,6 +280,12 @@ impl CudaBackend {
         );
         let stream = self.dev.stream.clone();
         if let Some(graph) = g.ready.get(&size) {
+            // The eager path checks ids against the embedding table; a replay has no such
+            // op, so check against the graph's vocabulary (embedding rows = lm_head rows).
+            let vocab = graph.logits.len() / size;
+            if batch.token_ids.iter().any(|&t| t as usize >= vocab) {
+                return Ok(GraphStep::Eager);
+            }
             // SAFETY: the metadata buffer has the layout's length (same size, same layout);
             // the copy is queued before the replay that reads it.
             unsafe {
@@ -288,7 +294,7 @@ impl CudaBackend {
             .map_err(|e| device_err(OP, e))?;
             graph.graph.0.launch().map_err(|e| device_err(OP, e))?;
             let logits = Arc::clone(&graph.logits);
-            let logits = self.first_rows(OP, &logits, n)?;
+            let logits = self.first_rows(OP, &logits, size, n)?;
             return Ok(GraphStep::Replayed(logits));
         }
         let meta = Arc::new(
@@ -398,15 +404,16 @@ impl CudaBackend {
                 }
             }
         }
-        self.first_rows(OP, &eager_buf, c.rows)
+        self.first_rows(OP, &eager_buf, c.size, c.rows)
     }
 
-    /// A fresh f32 `[rows, vocab]` tensor holding the first `rows` rows of `logits` (a
-    /// graph's padded output, which the next replay overwrites).
+    /// A fresh f32 `[rows, vocab]` tensor holding the first `rows` rows of `logits`, a
+    /// graph's `[padded_rows, vocab]` output (which the next replay overwrites).
     fn first_rows(
         &mut self,
         op: &'static str,
         logits: &Arc<DevBuf>,
+        padded_rows: usize,
         rows: usize,
     ) -> Result<Tensor, OpError> {
         let DevBuf::F32(src) = logits.as_ref() else {
@@ -417,17 +424,13 @@ impl CudaBackend {
                 actual: logits.dtype(),
             });
         };
-        let padded_rows = self
-            .graphs
-            .as_ref()
-            .and_then(|g| {
-                g.ladder
-                    .iter()
-                    .copied()
-                    .find(|&s| s >= rows && src.len() % s == 0)
-            })
-            .unwrap_or(rows.max(1));
         let vocab = src.len() / padded_rows.max(1);
+        if rows > padded_rows {
+            return Err(device_err(
+                op,
+                format!("{rows} rows of a {padded_rows}-row graph output"),
+            ));
+        }
         let out = self.activation(op, DType::F32, rows * vocab)?;
         let DevBuf::F32(dst) = out.as_ref() else {
             unreachable!("activation returns the dtype it is asked for");

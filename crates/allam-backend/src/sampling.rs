@@ -106,14 +106,15 @@ pub fn sample_row_with_margin(
         return (none, f64::INFINITY);
     }
     let mut argmax = 0usize;
-    let mut max = f64::NEG_INFINITY;
+    let mut max32 = f32::NEG_INFINITY;
     for (i, &l) in row.iter().enumerate() {
-        let v = value(l);
-        if v > max {
+        // NaN compares false: it never wins.
+        if l > max32 {
             argmax = i;
-            max = v;
+            max32 = l;
         }
     }
+    let max = f64::from(max32);
     let mut chosen = argmax;
     let mut margin = f64::INFINITY;
     if !p.is_greedy() && max.is_finite() {
@@ -129,11 +130,13 @@ pub fn sample_row_with_margin(
         return (token, margin);
     };
     let lse = if max.is_finite() {
-        max + row
+        // f32 exponentials (each exact to an ulp), summed in f64.
+        let sum: f64 = row
             .iter()
-            .map(|&l| (value(l) - max).exp())
-            .sum::<f64>()
-            .ln()
+            .filter(|l| !l.is_nan())
+            .map(|&l| f64::from((l - max32).exp()))
+            .sum();
+        max + sum.ln()
     } else {
         max
     };
@@ -152,56 +155,45 @@ pub fn sample_row_with_margin(
 }
 
 /// The stochastic pick of a row whose largest logit `max` is finite: (id, margin).
+/// Weights are computed once (f32 `exp`, f64 sums); top-p sorts only as many of the largest
+/// logits as it needs.
 fn draw(row: &[f32], p: &RowSampling, max: f64) -> (usize, f64) {
-    let inv_t = 1.0 / f64::from(p.temperature);
-    let w = |v: f64| ((v - max) * inv_t).exp();
+    let vals: Vec<f32> = row
+        .iter()
+        .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
+        .collect();
+    let (max32, inv_t) = (max as f32, 1.0 / p.temperature);
+    let weight = |v: f32| f64::from(((v - max32) * inv_t).exp());
     let k = p.top_k as usize;
-    let floor = if k == 0 || k >= row.len() {
-        f64::NEG_INFINITY
+    let floor = if k == 0 || k >= vals.len() {
+        f32::NEG_INFINITY
     } else {
-        let mut values: Vec<f64> = row.iter().map(|&l| value(l)).collect();
-        let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| desc(*a, *b));
+        let mut scratch = vals.clone();
+        let (_, kth, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
         *kth
     };
-    let kept_weight = |threshold: f64| -> f64 {
-        row.iter()
-            .map(|&l| value(l))
-            .filter(|v| *v >= threshold)
-            .map(w)
-            .sum()
-    };
+    let w: Vec<f64> = vals
+        .iter()
+        .map(|&v| if v >= floor { weight(v) } else { 0.0 })
+        .collect();
     let mut threshold = floor;
     if p.top_p < 1.0 {
-        let target = f64::from(p.top_p) * kept_weight(floor);
-        let mut kept: Vec<f64> = row
-            .iter()
-            .map(|&l| value(l))
-            .filter(|v| *v >= floor)
-            .collect();
-        kept.sort_unstable_by(|a, b| desc(*a, *b));
-        let mut cumulative = 0.0;
-        let mut i = 0;
-        while i < kept.len() {
-            let v = kept[i];
-            while i < kept.len() && kept[i] == v {
-                cumulative += w(v);
-                i += 1;
-            }
-            if cumulative >= target {
-                threshold = v;
-                break;
-            }
-        }
+        let target = f64::from(p.top_p) * w.iter().sum::<f64>();
+        threshold = top_p_threshold(&vals, floor, target, weight);
     }
-    let mass = kept_weight(threshold);
+    let mass: f64 = vals
+        .iter()
+        .zip(&w)
+        .filter(|(v, _)| **v >= threshold)
+        .map(|(_, w)| w)
+        .sum();
     let target = f64::from(p.clamped_uniform()) * mass;
     let mut run = 0.0;
     let mut last_kept = 0usize;
-    for (i, &l) in row.iter().enumerate() {
-        let v = value(l);
+    for (i, (&v, &wi)) in vals.iter().zip(&w).enumerate() {
         if v >= threshold {
             let before = run;
-            run += w(v);
+            run += wi;
             last_kept = i;
             if run > target {
                 return (i, (target - before).min(run - target) / mass);
@@ -210,6 +202,39 @@ fn draw(row: &[f32], p: &RowSampling, max: f64) -> (usize, f64) {
     }
     // Only reachable when rounding leaves the draw at the very top of the mass.
     (last_kept, 0.0)
+}
+
+/// The largest logit `t >= floor` such that the weight of the logits `>= t` reaches
+/// `target`. Sorts a growing prefix of the largest logits. Only the prefix's last tie group
+/// can have copies outside it, so its running weight can only be short: a decision is never
+/// early, and a missed one widens the prefix.
+fn top_p_threshold(vals: &[f32], floor: f32, target: f64, weight: impl Fn(f32) -> f64) -> f32 {
+    let mut kept: Vec<f32> = vals.iter().copied().filter(|v| *v >= floor).collect();
+    let n = kept.len();
+    let mut m = n.min(256);
+    loop {
+        if m < n {
+            kept.select_nth_unstable_by(m - 1, |a, b| b.total_cmp(a));
+        }
+        let prefix = &mut kept[..m];
+        prefix.sort_unstable_by(|a, b| b.total_cmp(a));
+        let mut cumulative = 0.0;
+        let mut i = 0;
+        while i < m {
+            let v = prefix[i];
+            while i < m && prefix[i] == v {
+                cumulative += weight(v);
+                i += 1;
+            }
+            if cumulative >= target {
+                return v;
+            }
+        }
+        if m == n {
+            return floor; // rounding kept the target out of reach: keep everything
+        }
+        m = n.min(m * 4);
+    }
 }
 
 /// Ids of the `n` largest logits, descending, ties by id.
@@ -354,5 +379,112 @@ mod tests {
             let got = counts[id] as f64 / n as f64;
             assert!((got - want).abs() < 2e-3, "id {id}: {got} vs {want}");
         }
+    }
+
+    /// The rules' plain statement (full sort, f64 throughout): the oracle for `draw`.
+    fn reference_draw(row: &[f32], p: &RowSampling, max: f64) -> (usize, f64) {
+        let inv_t = 1.0 / f64::from(p.temperature);
+        let w = |v: f64| ((v - max) * inv_t).exp();
+        let k = p.top_k as usize;
+        let floor = if k == 0 || k >= row.len() {
+            f64::NEG_INFINITY
+        } else {
+            let mut values: Vec<f64> = row.iter().map(|&l| value(l)).collect();
+            let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| desc(*a, *b));
+            *kth
+        };
+        let kept_weight = |threshold: f64| -> f64 {
+            row.iter()
+                .map(|&l| value(l))
+                .filter(|v| *v >= threshold)
+                .map(w)
+                .sum()
+        };
+        let mut threshold = floor;
+        if p.top_p < 1.0 {
+            let target = f64::from(p.top_p) * kept_weight(floor);
+            let mut kept: Vec<f64> = row
+                .iter()
+                .map(|&l| value(l))
+                .filter(|v| *v >= floor)
+                .collect();
+            kept.sort_unstable_by(|a, b| desc(*a, *b));
+            let mut cumulative = 0.0;
+            let mut i = 0;
+            while i < kept.len() {
+                let v = kept[i];
+                while i < kept.len() && kept[i] == v {
+                    cumulative += w(v);
+                    i += 1;
+                }
+                if cumulative >= target {
+                    threshold = v;
+                    break;
+                }
+            }
+        }
+        let mass = kept_weight(threshold);
+        let target = f64::from(p.clamped_uniform()) * mass;
+        let mut run = 0.0;
+        let mut last_kept = 0usize;
+        for (i, &l) in row.iter().enumerate() {
+            let v = value(l);
+            if v >= threshold {
+                let before = run;
+                run += w(v);
+                last_kept = i;
+                if run > target {
+                    return (i, (target - before).min(run - target) / mass);
+                }
+            }
+        }
+        // Only reachable when rounding leaves the draw at the very top of the mass.
+        (last_kept, 0.0)
+    }
+
+    /// The fast `draw` picks what the plain statement picks, on rows full of ties and with
+    /// every filter, except where the draw lands within rounding of a CDF boundary.
+    #[test]
+    fn the_fast_draw_matches_the_plain_statement() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut checked = 0;
+        for case in 0..400 {
+            let len = [5usize, 64, 700, 3000][case % 4];
+            // Quantised logits make long tie groups, including at the top-p boundary.
+            let step = [0.0f64, 0.25, 1.0][case % 3];
+            let row: Vec<f32> = (0..len)
+                .map(|_| {
+                    let v = (next() - 0.5) * 16.0;
+                    if step > 0.0 {
+                        ((v / step).round() * step) as f32
+                    } else {
+                        v as f32
+                    }
+                })
+                .collect();
+            let p = RowSampling {
+                temperature: [0.3f32, 0.8, 1.0, 2.5][case % 4],
+                top_k: [0u32, 1, 5, 50, 1000][case % 5],
+                top_p: [1.0f32, 0.9, 0.5, 0.05, 0.999][(case / 5) % 5],
+                uniform: next() as f32,
+            };
+            if p.is_greedy() {
+                continue;
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let (want, margin) = reference_draw(&row, &p, max);
+            let (got, _) = draw(&row, &p, max);
+            if margin > 1e-5 {
+                assert_eq!(got, want, "case {case}: {p:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 250, "only {checked} cases were decisive");
     }
 }

@@ -193,6 +193,44 @@ fn seeded_sampling_is_reproducible_across_batch_mixes() {
     assert_pool_full(&handle);
 }
 
+/// A request's rows go to the backend's sampler when it uses only temperature / top-k /
+/// top-p, to the host's otherwise (here: a `min_p` too small to mask anything). Both take the
+/// same seeded draw and follow the same rules, so the tokens are the same.
+#[test]
+fn backend_and_host_sampling_give_a_seeded_request_the_same_tokens() {
+    let (handle, _) = start_fake(config(), 256);
+    let tok = tokenizer();
+    let p = prompt(7, 15);
+    let params = |seed, min_p| RawSamplingParams {
+        do_sample: Some(true),
+        temperature: Some(0.9),
+        top_p: Some(0.9),
+        top_k: Some(40),
+        min_p,
+        seed: Some(seed),
+        max_new_tokens: Some(20),
+        ignore_eos: Some(true),
+        logprobs: Some(3),
+        ..RawSamplingParams::default()
+    };
+    for seed in [1u64, 2, 3] {
+        let backend = collect(
+            &mut handle
+                .submit(valid(&tok, &p, params(seed, None)))
+                .expect("submit"),
+        );
+        let host = collect(
+            &mut handle
+                .submit(valid(&tok, &p, params(seed, Some(1e-30))))
+                .expect("submit"),
+        );
+        assert_eq!(backend.failed, None);
+        assert_eq!(backend.ids, host.ids, "seed {seed}");
+        assert_eq!(backend.logprobs, host.logprobs, "seed {seed}");
+    }
+    assert_pool_full(&handle);
+}
+
 #[test]
 fn stop_string_split_across_tokens_is_caught_and_excluded() {
     let (handle, _) = start_fake(config(), 256);
