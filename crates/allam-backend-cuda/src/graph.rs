@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use allam_backend::Tensor;
 use allam_backend::{checks, DType, Error as OpError, GraphStep, KvCache, PreparedStep, StepBatch};
-use cudarc::driver::{result as cu, sys, CudaGraph, CudaSlice};
+use cudarc::driver::{result as cu, sys, CudaGraph, CudaSlice, CudaStream};
 
 use crate::step::pack_step_with;
 use crate::storage::{self, raw, CudaStep, CudaTensor, DevBuf};
@@ -82,6 +82,8 @@ unsafe impl Send for OwnedGraph {}
 
 struct DecodeGraph {
     graph: OwnedGraph,
+    /// The KV cache the graph's kernels point into ([`kv_identity`]).
+    cache: u64,
     meta: Arc<CudaSlice<u32>>,
     logits: Arc<DevBuf>,
     /// Every activation the graph reads or writes.
@@ -97,6 +99,7 @@ enum Phase {
 
 struct Capture {
     size: usize,
+    cache: u64,
     rows: usize,
     meta: Arc<CudaSlice<u32>>,
     arena: Vec<Arc<DevBuf>>,
@@ -245,6 +248,15 @@ impl CudaBackend {
         }
     }
 
+    /// Drops one size's graph and never captures that size again.
+    fn retire_graph(&mut self, size: usize) {
+        let _ = self.dev.stream.synchronize();
+        if let Some(g) = self.graphs.as_mut() {
+            g.ready.remove(&size);
+            g.failed.insert(size);
+        }
+    }
+
     pub(crate) fn graph_step_impl(
         &mut self,
         batch: &StepBatch,
@@ -264,6 +276,12 @@ impl CudaBackend {
         let Some(max_positions) = g.max_positions else {
             return Ok(GraphStep::Eager);
         };
+        // `rope` checks positions against its table, but a replay runs no op, and the block
+        // tables allow `max_blocks * block_size` positions: past the table's rows when
+        // `max_positions` is not a multiple of the block size. The eager path reports these.
+        if batch.positions.iter().any(|&p| p as usize >= max_positions) {
+            return Ok(GraphStep::Eager);
+        }
         let n = batch.seqs.len();
         let Some(size) = bucket(&g.ladder, n).filter(|s| !g.failed.contains(s)) else {
             return Ok(GraphStep::Eager);
@@ -279,6 +297,14 @@ impl CudaBackend {
             Some(max_blocks),
         );
         let stream = self.dev.stream.clone();
+        let cache = kv_identity(kv, &stream, OP)?;
+        if g.ready.values().any(|graph| graph.cache != cache) {
+            // Captured against another KV cache, whose buffers may be gone.
+            self.drop_graphs();
+        }
+        let Some(g) = self.graphs.as_ref() else {
+            return Ok(GraphStep::Eager);
+        };
         if let Some(graph) = g.ready.get(&size) {
             // The eager path checks ids against the embedding table; a replay has no such
             // op, so check against the graph's vocabulary (embedding rows = lm_head rows).
@@ -286,13 +312,23 @@ impl CudaBackend {
             if batch.token_ids.iter().any(|&t| t as usize >= vocab) {
                 return Ok(GraphStep::Eager);
             }
-            // SAFETY: the metadata buffer has the layout's length (same size, same layout);
-            // the copy is queued before the replay that reads it.
+            // The graph reads exactly its own layout; anything else would write past it.
+            if graph.meta.len() != layout.words.len() {
+                tracing::warn!(size, "decode graph layout changed; this size runs eagerly");
+                self.retire_graph(size);
+                return Ok(GraphStep::Eager);
+            }
+            // SAFETY: the metadata buffer has the layout's length (checked above); the copy
+            // is queued before the replay that reads it.
             unsafe {
                 cu::memcpy_htod_async(raw(&graph.meta, &stream), &layout.words, stream.cu_stream())
             }
             .map_err(|e| device_err(OP, e))?;
-            graph.graph.0.launch().map_err(|e| device_err(OP, e))?;
+            if let Err(e) = graph.graph.0.launch() {
+                tracing::warn!(size, error = ?e, "replaying a decode graph failed; this size runs eagerly");
+                self.retire_graph(size);
+                return Ok(GraphStep::Eager);
+            }
             let logits = Arc::clone(&graph.logits);
             let logits = self.first_rows(OP, &logits, size, n)?;
             return Ok(GraphStep::Replayed(logits));
@@ -312,6 +348,7 @@ impl CudaBackend {
         if let Some(g) = self.graphs.as_mut() {
             g.capture = Some(Capture {
                 size,
+                cache,
                 rows: n,
                 meta,
                 arena: Vec::new(),
@@ -338,10 +375,11 @@ impl CudaBackend {
             .stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
         if let Err(e) = begun {
-            if let Some(g) = self.graphs.as_mut() {
-                if let Some(c) = g.capture.take() {
-                    g.failed.insert(c.size);
-                }
+            // Keep the capture, back in `Recording`: `graph_capture_end` then marks the size
+            // failed and still cuts the real pass's logits to the batch's rows (taking the
+            // capture here made it return all the padded rows).
+            if let Some(c) = self.graphs.as_mut().and_then(|g| g.capture.as_mut()) {
+                c.phase = Phase::Recording;
             }
             return Err(device_err(OP, e));
         }
@@ -354,11 +392,15 @@ impl CudaBackend {
         eager: Tensor,
     ) -> Result<Tensor, OpError> {
         const OP: &str = "graph_capture_end";
-        self.bind(OP)?;
+        if let Err(e) = self.bind(OP) {
+            // Never leave the stream capturing: every later op would be recorded, not run.
+            self.abandon_capture();
+            return Err(e);
+        }
         let Some(c) = self.graphs.as_mut().and_then(|g| g.capture.take()) else {
             return Ok(eager);
         };
-        let eager_buf = storage::tensor_arc(OP, "eager", &eager)?;
+        // The capture ends before anything below can fail.
         let graph = match c.phase {
             Phase::Capturing { .. } => self
                 .dev
@@ -367,6 +409,7 @@ impl CudaBackend {
                 .map_err(|e| format!("{e:?}")),
             Phase::Recording => Err("the capture never began".to_owned()),
         };
+        let eager_buf = storage::tensor_arc(OP, "eager", &eager)?;
         let same_logits = captured
             .map(|t| storage::tensor_arc(OP, "captured", t))
             .transpose()?
@@ -393,6 +436,7 @@ impl CudaBackend {
                         c.size,
                         DecodeGraph {
                             graph: OwnedGraph(graph),
+                            cache: c.cache,
                             meta: c.meta,
                             logits: Arc::clone(&eager_buf),
                             _arena: c.arena,
@@ -453,6 +497,13 @@ impl CudaBackend {
             Box::new(CudaTensor(out)),
         ))
     }
+}
+
+/// Which KV cache a graph was recorded against: the device address of layer 0's K array
+/// (a cache is allocated once and never moves).
+fn kv_identity(kv: &KvCache, stream: &CudaStream, op: &'static str) -> Result<u64, OpError> {
+    let cache = storage::kv(op, kv)?;
+    Ok(cache.k.first().map_or(0, |k| raw(k, stream)))
 }
 
 #[cfg(test)]

@@ -78,11 +78,13 @@ pub struct CudaBackend {
     /// The tensor-parallel group; `None` = a group of one without NCCL. Declared before
     /// `dev` so that it is torn down while the context still exists.
     nccl: Option<nccl::NcclGroup>,
-    dev: device::Device,
+    /// Decode graphs; `None` when they are off. Declared before `dev`: the graph executables
+    /// hold kernels of `dev`'s modules and run cuBLAS kernels, so they go before the modules
+    /// are unloaded and the cuBLAS handle is destroyed.
+    graphs: Option<graph::Graphs>,
     /// Split-K decode workspace, grown on demand (f32).
     workspace: Option<CudaSlice<f32>>,
-    /// Decode graphs; `None` when they are off.
-    graphs: Option<graph::Graphs>,
+    dev: device::Device,
 }
 
 /// A kernel argument.

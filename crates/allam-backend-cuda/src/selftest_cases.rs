@@ -14,8 +14,9 @@ use allam_backend::sampling::{sample_row_with_margin, RowSampling};
 type Case = fn(&mut Harness);
 
 pub(crate) fn run_all(h: &mut Harness) {
-    let cases: [(&str, Case); 9] = [
+    let cases: [(&str, Case); 10] = [
         ("embedding", embedding),
+        ("embedding_shard", embedding_shard),
         ("norms", norms),
         ("linear", linear),
         ("rope", rope),
@@ -88,6 +89,33 @@ fn embedding(h: &mut Harness) {
         EXACT,
         r,
     );
+}
+
+/// The vocabulary-parallel lookup of a tensor-parallel rank, on one device: a slice of the
+/// table from row `start`; ids outside it give zero rows (the all-reduce completes them).
+fn embedding_shard(h: &mut Harness) {
+    let (vocab, hidden, n) = (1000usize, 256usize, 41usize);
+    for (start, rows) in [(0usize, 500usize), (500, 500), (333, 334)] {
+        let table = h.normal_bf16(rows * hidden, 1.0);
+        let ids: Vec<u32> = (0..n).map(|_| h.rng.below(vocab) as u32).collect();
+        let (batch, blocks) = prompt_batch(&ids);
+        let r = h.both(|b| {
+            let w = upload_weight(b, "embed slice", &[rows, hidden], &table)?;
+            let (_kv, step) = prepare(b, &batch, spec(blocks, BLOCK, 1, 32))?;
+            let mut out = b.alloc(&[n, hidden])?;
+            b.embedding_shard(&w, start, vocab, &step, &mut out)?;
+            b.to_host_f32(&out)
+        });
+        h.record(
+            "embedding_shard",
+            &format!(
+                "rows {start}..{} of vocab={vocab} hidden={hidden} tokens={n}",
+                start + rows
+            ),
+            EXACT,
+            r,
+        );
+    }
 }
 
 fn norms(h: &mut Harness) {
