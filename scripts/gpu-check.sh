@@ -35,7 +35,8 @@
 #   g. CUDA graphs (--cuda-graphs, off by default until this stage passes): the stage-b golden
 #      requests again with decode steps replayed from graphs, checked against stage b's plain
 #      CUDA output like stage n (ids identical, logprobs within 0.5; graphs change only the
-#      split-K partitioning, so the printed difference should be tiny); then, after stage c,
+#      split-K partitioning, so the printed difference should be tiny), alone and in a
+#      one-rank NCCL group (all-reduces captured inside the graphs); then, after stage c,
 #      a short allam-7b run with graphs (batch-1 decode, concurrency 1,8,64) for the table.
 #   c. benchmark, allam-7b dummy preset, then transformers on the same GPU in the same run:
 #          .gpu/allam bench-engine --preset allam-7b --device cuda --ttft 128,512,2048 \
@@ -319,8 +320,22 @@ if [[ -x $ALLAM && -d $FIX ]] && "$ALLAM" generate --help 2>/dev/null | grep -q 
         fi
         compare_runs "$plain" "$RES/graphs-$model.out" "CUDA graphs" | tee "$RES/graphs-$model.check" >&2
         [[ ${PIPESTATUS[0]} == 0 ]] || graphs_ok=0
+        # The same with a one-rank NCCL group: its all-reduces are captured inside the graphs.
+        if "$ALLAM" generate --help 2>/dev/null | grep -q -- '--dist-backend'; then
+            lim=$(stage_limit 20)
+            log "stage g: $model with CUDA graphs in a one-rank NCCL group (limit ${lim}s)"
+            NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout "$lim" "$ALLAM" generate --device cuda --cuda-graphs --dist-backend nccl \
+                --model "$FIX/$model" --requests "$req" >"$RES/graphs-nccl-$model.out" 2>"$RES/graphs-nccl-$model.log"
+            rc=$?
+            if [[ $rc != 0 ]]; then
+                log "generate --cuda-graphs --dist-backend nccl failed (exit $rc):"; tail -5 "$RES/graphs-nccl-$model.log" >&2
+                graphs_ok=0; continue
+            fi
+            compare_runs "$plain" "$RES/graphs-nccl-$model.out" "CUDA graphs + NCCL" | tee "$RES/graphs-nccl-$model.check" >&2
+            [[ ${PIPESTATUS[0]} == 0 ]] || graphs_ok=0
+        fi
     done
-    STATUS+=("g. CUDA graphs (tiny-allam, tiny-allam-gqa) vs plain CUDA: $([[ $graphs_ok == 1 ]] && echo PASS || echo FAIL)")
+    STATUS+=("g. CUDA graphs, alone and with NCCL (tiny-allam, tiny-allam-gqa) vs plain CUDA: $([[ $graphs_ok == 1 ]] && echo PASS || echo FAIL)")
 else
     STATUS+=("g. CUDA graphs: NOT RUN (no binary, no fixtures, or no --cuda-graphs in this build)")
 fi

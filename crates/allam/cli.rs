@@ -194,7 +194,8 @@ pub struct ModelArgs {
     pub tp: usize,
     /// Replay decode steps from CUDA graphs captured once per batch size (up to
     /// --cuda-graph-max-batch sequences), which removes per-kernel launch cost at small
-    /// batches. Needs --device cuda and --tp 1. Each captured size keeps its activations and
+    /// batches. Needs --device cuda; with --tp every rank captures the same sizes and its
+    /// NCCL collectives inside the graphs. Each captured size keeps its activations and
     /// logits outside --kv-cache-memory (about 0.5 GB in all for a 7B model up to batch 256),
     /// so leave that much free. Off by default until scripts/gpu-check.sh has verified it on
     /// a GPU.

@@ -175,9 +175,6 @@ pub fn group_config(
         if device == Device::Cpu {
             bail!("--cuda-graphs needs --device cuda (the CPU backend runs every step eagerly)");
         }
-        if model.tp > 1 {
-            bail!("--cuda-graphs works with --tp 1 only (collectives are not captured yet)");
-        }
         if model.cuda_graph_max_batch == 0 {
             bail!("--cuda-graph-max-batch must be at least 1");
         }
@@ -218,6 +215,14 @@ fn follower_args(model: &ModelArgs, engine: &EngineArgs) -> Vec<String> {
         "--block-size".to_owned(),
         engine.block_size.to_string(),
     ]);
+    // Every rank must decide alike which steps replay a graph (their collectives pair up).
+    if model.cuda_graphs {
+        args.extend([
+            "--cuda-graphs".to_owned(),
+            "--cuda-graph-max-batch".to_owned(),
+            model.cuda_graph_max_batch.to_string(),
+        ]);
+    }
     args
 }
 

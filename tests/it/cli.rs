@@ -190,8 +190,6 @@ fn cuda_graph_flags_are_checked() {
         !ok && stderr.contains("--cuda-graphs needs --device cuda"),
         "{stderr}"
     );
-    let (ok, stderr) = run(&["--device", "cuda", "--tp", "2"]);
-    assert!(!ok && stderr.contains("--tp 1 only"), "{stderr}");
     let (ok, stderr) = run(&["--device", "cuda", "--cuda-graph-max-batch", "0"]);
     assert!(!ok && stderr.contains("--cuda-graph-max-batch"), "{stderr}");
     let (ok, stderr) = run(&["--device", "cuda"]);

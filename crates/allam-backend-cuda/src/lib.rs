@@ -150,14 +150,6 @@ impl CudaBackend {
         if self.nccl.is_some() {
             return Err(refuse("this backend already belongs to a group"));
         }
-        if self.graphs.is_some() {
-            // A captured step would hold the collectives (and the gather's scratch buffers)
-            // inside a graph, which neither the ranks' agreement on eager vs replayed steps
-            // nor the watchdog accounts for yet.
-            return Err(refuse(
-                "CUDA graphs are not supported in an NCCL group yet; leave --cuda-graphs off with --tp",
-            ));
-        }
         self.dev
             .ctx
             .bind_to_thread()

@@ -342,6 +342,7 @@ fn rank_backend(
             comm,
         )?),
         Device::Cuda(base) => Box::new(join_nccl_rank(
+            config,
             base,
             comm.as_ref(),
             config.tp.options.collective_timeout,
@@ -357,6 +358,7 @@ const GPU_FAILED: u8 = 1;
 /// and every rank's start-up status over `comm` (the module doc has the sequence). Every
 /// rank calls it at the same point; a failure on any rank fails all of them with its cause.
 fn join_nccl_rank(
+    config: &GroupConfig,
     base: usize,
     comm: &dyn Communicator,
     timeout: Duration,
@@ -383,7 +385,7 @@ fn join_nccl_rank(
         }));
     }
     let id = NcclId::from_bytes(&id_bytes)?;
-    let opened = CudaBackend::with_config(&CudaBackendConfig::from_env(base + rank));
+    let opened = CudaBackend::with_config(&cuda_config(config, base + rank));
     let status = match &opened {
         Ok(_) => vec![GPU_OPENED],
         Err(e) => [&[GPU_FAILED][..], e.to_string().as_bytes()].concat(),
