@@ -247,3 +247,65 @@ pub fn demo_model(args: DemoModelArgs) -> anyhow::Result<ExitCode> {
     eprintln!("wrote the demo model to {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("allam").chain(args.iter().copied()))
+            .expect("valid command line")
+            .command
+    }
+
+    /// A spawned rank must load the same model the same way as rank 0, graphs included: the
+    /// ranks' collectives pair up only if they all capture and replay the same steps.
+    #[test]
+    fn follower_ranks_get_the_leaders_model_and_graph_flags() {
+        let Command::Serve(args) = parse(&[
+            "serve",
+            "--preset",
+            "tiny",
+            "--device",
+            "cuda:2",
+            "--tp",
+            "2",
+            "--cuda-graphs",
+            "--cuda-graph-max-batch",
+            "64",
+            "--block-size",
+            "32",
+        ]) else {
+            panic!("serve parses as serve");
+        };
+        let follower = follower_args(&args.model, &args.engine);
+        let mut line = vec![
+            "worker",
+            "--group",
+            "g",
+            "--world-size",
+            "2",
+            "--rank",
+            "1",
+            "--peers",
+            "127.0.0.1:1",
+        ];
+        line.extend(follower.iter().map(String::as_str));
+        let Command::Worker(worker) = parse(&line) else {
+            panic!("worker parses as worker");
+        };
+        assert_eq!(worker.model.preset.as_deref(), Some("tiny"));
+        assert_eq!(worker.model.device, "cuda:2");
+        assert!(worker.model.cuda_graphs);
+        assert_eq!(worker.model.cuda_graph_max_batch, 64);
+        assert_eq!(worker.engine.block_size, 32);
+
+        let Command::Serve(plain) = parse(&["serve", "--preset", "tiny", "--tp", "2"]) else {
+            panic!("serve parses as serve");
+        };
+        assert!(!follower_args(&plain.model, &plain.engine).contains(&"--cuda-graphs".to_owned()));
+    }
+}
