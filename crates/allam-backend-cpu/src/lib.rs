@@ -434,6 +434,18 @@ mod tests {
     }
 
     #[test]
+    fn chosen_rows_come_back_in_the_order_asked() {
+        let mut b = backend();
+        let data: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let x = b.upload_f32(&[4, 3], &data).expect("x");
+        let rows = b.rows_to_host_f32(&x, &[3, 1, 3]).expect("rows");
+        assert_eq!(rows, [9.0, 10.0, 11.0, 3.0, 4.0, 5.0, 9.0, 10.0, 11.0]);
+        assert!(b.rows_to_host_f32(&x, &[]).expect("none").is_empty());
+        let err = b.rows_to_host_f32(&x, &[4]).expect_err("row 4 of 4");
+        assert!(err.to_string().contains("rows_to_host_f32"), "{err}");
+    }
+
+    #[test]
     fn shape_errors_name_op_operand_and_shapes() {
         let mut b = backend();
         let x = b.upload_f32(&[2, 4], &[0.0; 8]).expect("x");

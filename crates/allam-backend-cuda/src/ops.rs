@@ -170,6 +170,41 @@ impl Backend for CudaBackend {
         Ok(host)
     }
 
+    fn rows_to_host_f32(&mut self, x: &Tensor, rows: &[usize]) -> Result<Vec<f32>, OpError> {
+        const OP: &str = "rows_to_host_f32";
+        self.bind(OP)?;
+        let (n, cols) = checks::dims_2d(OP, "x", x.shape())?;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(OpError::shape(
+                OP,
+                "x",
+                format!("more than {bad} rows"),
+                x.shape(),
+            ));
+        }
+        self.settle_collectives(OP)?;
+        let stream = &self.dev.stream;
+        let mut host = Vec::with_capacity(rows.len() * cols);
+        // One copy per row: rows are contiguous, and a batch asks for few of them.
+        for &r in rows {
+            let span = r * cols..(r + 1) * cols;
+            match storage::tensor(OP, "x", x)? {
+                DevBuf::Bf16(s) => host.extend(bf16_to_f32(
+                    &stream
+                        .clone_dtoh(&s.slice(span))
+                        .map_err(|e| device_err(OP, e))?,
+                )),
+                DevBuf::F32(s) => host.extend(
+                    stream
+                        .clone_dtoh(&s.slice(span))
+                        .map_err(|e| device_err(OP, e))?,
+                ),
+            }
+        }
+        stream.synchronize().map_err(|e| device_err(OP, e))?;
+        Ok(host)
+    }
+
     fn alloc_kv_cache(&mut self, spec: &KvCacheSpec) -> Result<KvCache, OpError> {
         const OP: &str = "alloc_kv_cache";
         self.bind(OP)?;

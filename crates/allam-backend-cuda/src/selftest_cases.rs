@@ -447,6 +447,12 @@ fn gather_rows(h: &mut Harness) {
         b.to_host_f32(&out)
     });
     h.record("gather_rows", "rows [19, 0, 7] of 20", EXACT, r);
+    // The engine's copy of only the rows it samples on the host.
+    let r = h.both(|b| {
+        let t = upload(b, &[n, cols], &x)?;
+        b.rows_to_host_f32(&t, &[19, 0, 7, 7])
+    });
+    h.record("rows_to_host_f32", "rows [19, 0, 7, 7] of 20", EXACT, r);
 }
 
 /// f32 logits from `linear` (checked against the CPU), then device sampling against the

@@ -125,6 +125,26 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// Copies rows `rows` (each `< x.shape()[0]`) of the 2-D tensor `x` to the host as f32,
+    /// one after another, waiting for queued work: the logits rows the engine handles on the
+    /// host, without the rest of the batch's. The default copies the whole tensor.
+    fn rows_to_host_f32(&mut self, x: &Tensor, rows: &[usize]) -> Result<Vec<f32>, Error> {
+        let (n, cols) = checks::dims_2d("rows_to_host_f32", "x", x.shape())?;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::shape(
+                "rows_to_host_f32",
+                "x",
+                format!("more than {bad} rows"),
+                x.shape(),
+            ));
+        }
+        let all = self.to_host_f32(x)?;
+        Ok(rows
+            .iter()
+            .flat_map(|&r| all[r * cols..(r + 1) * cols].iter().copied())
+            .collect())
+    }
+
     /// Allocates a zeroed paged KV cache (layout in [`KvCacheSpec`]).
     fn alloc_kv_cache(&mut self, spec: &KvCacheSpec) -> Result<KvCache, Error>;
 

@@ -380,42 +380,55 @@ impl EngineCore {
 
     fn process_outputs(&mut self, plan: &StepPlan, output: &StepOutput) {
         let vocab = self.info.vocab_size;
-        let needed_rows = self.batch.logits_rows.len();
-        let logits = output.logits.as_deref().unwrap_or(&[]);
-        let logits_ok = output.logits.is_none() || logits.len() == needed_rows * vocab;
-        let needs_logits = self.sampling.rows.iter().any(Option::is_none);
-        if output.sampled.len() != needed_rows
-            || !logits_ok
-            || (needs_logits && logits.is_empty() && needed_rows > 0)
-        {
+        let asked = &self.sampling.rows;
+        let host_rows = asked.iter().filter(|p| p.is_none()).count();
+        let shapes_match = output.sampled.len() == asked.len()
+            && output.logits.len() == host_rows * vocab
+            && output
+                .sampled
+                .iter()
+                .zip(asked)
+                .all(|(got, want)| got.is_some() == want.is_some());
+        if !shapes_match {
             let message = format!(
-                "the model returned {} logits and {} sampled rows, expected {needed_rows} rows of {vocab}",
-                logits.len(),
-                output.sampled.len()
+                "the model returned {} logits and {} sampled rows, expected {host_rows} rows of \
+                 {vocab} logits and {} picks",
+                output.logits.len(),
+                output.sampled.iter().flatten().count(),
+                asked.len() - host_rows,
             );
             self.fail_step(plan, &message);
             return;
         }
-        let row_at = |r: usize| logits.get(r * vocab..(r + 1) * vocab);
+        // Host rows arrive packed, in row order: the k-th `None` row is logits row k.
+        let mut host_rows = output.logits.chunks_exact(vocab.max(1));
         let now = Instant::now();
         let mut row_idx = 0usize;
         for s in &plan.seqs {
-            let Some(request_id) = self.scheduler.seq(s.seq_id).map(|seq| seq.request_id) else {
-                row_idx += s.prompt_rows.len() + usize::from(s.samples);
-                continue;
-            };
+            let request_id = self.scheduler.seq(s.seq_id).map(|seq| seq.request_id);
             for p in s.prompt_rows.clone() {
-                if let Some(row) = row_at(row_idx) {
+                let row = host_rows.next();
+                if let (Some(request_id), Some(row)) = (request_id, row) {
                     self.record_prompt_logprob(request_id, s.seq_id, p, row);
                 }
                 row_idx += 1;
             }
-            self.maybe_send_prompt_logprobs(request_id, s.seq_id);
+            if let Some(request_id) = request_id {
+                self.maybe_send_prompt_logprobs(request_id, s.seq_id);
+            }
             if s.samples {
-                match (&output.sampled[row_idx], row_at(row_idx)) {
-                    (Some(pick), _) => self.emit_sampled(request_id, s.seq_id, pick, now),
-                    (None, Some(row)) => self.sample_and_emit(request_id, s.seq_id, row, now),
-                    (None, None) => {}
+                match &output.sampled[row_idx] {
+                    Some(pick) => {
+                        if let Some(request_id) = request_id {
+                            self.emit_sampled(request_id, s.seq_id, pick, now);
+                        }
+                    }
+                    None => {
+                        let row = host_rows.next();
+                        if let (Some(request_id), Some(row)) = (request_id, row) {
+                            self.sample_and_emit(request_id, s.seq_id, row, now);
+                        }
+                    }
                 }
                 row_idx += 1;
             }

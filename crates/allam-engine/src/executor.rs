@@ -8,8 +8,8 @@
 //! The engine says per logits row what it needs ([`StepSampling`]): a row whose request uses
 //! only temperature / top-k / top-p is sampled by the backend ([`Backend::sample`], a kernel
 //! on a GPU), so only its token id and logprobs come back; a row that needs host work
-//! (prompt logprobs, penalties, min-p, the `n > 1` fork) comes back whole. The logits leave
-//! the device only in steps that have such a row.
+//! (prompt logprobs, penalties, min-p, the `n > 1` fork) comes back whole, and only those
+//! rows leave the device.
 
 use allam_backend::sampling::sample_row;
 use allam_backend::{Backend, KvCache, RowSampling, SampledToken, StepBatch};
@@ -45,40 +45,43 @@ pub struct StepSampling {
 }
 
 impl StepSampling {
-    fn needs_logits(&self) -> bool {
-        self.rows.iter().any(Option::is_none)
+    /// Indices of the rows that come back as logits.
+    fn logits_rows(&self) -> Vec<usize> {
+        (0..self.rows.len())
+            .filter(|&r| self.rows[r].is_none())
+            .collect()
     }
 }
 
 /// A step's results.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepOutput {
-    /// Host f32 logits of every row, `[rows, vocab_size]`, present whenever some row asked
-    /// for them (it may be present otherwise too).
-    pub logits: Option<Vec<f32>>,
-    /// One entry per row: the pick of each `Some` row of [`StepSampling::rows`].
+    /// Host f32 logits of the rows whose [`StepSampling::rows`] entry is `None`, in row order,
+    /// `vocab_size` values each; nothing else crosses to the host.
+    pub logits: Vec<f32>,
+    /// One entry per row: the pick of each `Some` row, `None` for the others.
     pub sampled: Vec<Option<SampledToken>>,
 }
 
 impl StepOutput {
-    /// For executors that compute host logits (fakes, tests): samples the `Some` rows on the
-    /// host by the same rules the backends follow.
-    pub fn from_host_logits(logits: Vec<f32>, sampling: &StepSampling) -> StepOutput {
+    /// For executors that compute host logits of every row (fakes, tests): samples the
+    /// `Some` rows on the host by the same rules the backends follow and keeps the others.
+    pub fn from_host_logits(all_rows: &[f32], sampling: &StepSampling) -> StepOutput {
         let rows = sampling.rows.len();
-        let vocab = logits.len().checked_div(rows).unwrap_or(0);
+        let vocab = all_rows.len().checked_div(rows).unwrap_or(0);
+        let row = |r: usize| all_rows.get(r * vocab..(r + 1) * vocab).unwrap_or(&[]);
         let sampled = sampling
             .rows
             .iter()
             .enumerate()
-            .map(|(r, p)| {
-                let row = logits.get(r * vocab..(r + 1) * vocab)?;
-                p.as_ref().map(|p| sample_row(row, p, sampling.logprobs))
-            })
+            .map(|(r, p)| p.as_ref().map(|p| sample_row(row(r), p, sampling.logprobs)))
             .collect();
-        StepOutput {
-            logits: Some(logits),
-            sampled,
-        }
+        let logits = sampling
+            .logits_rows()
+            .into_iter()
+            .flat_map(|r| row(r).iter().copied())
+            .collect();
+        StepOutput { logits, sampled }
     }
 }
 
@@ -92,9 +95,9 @@ pub trait StepExecutor: Send {
     ) -> Result<StepOutput, ExecutorError>;
 }
 
-/// The forward pass and the sampling of one step on `backend`: sampled on the backend when
-/// every row can be, else one copy of the logits to the host and the same rules there (a
-/// second pass over the device would cost more than the rows it saves).
+/// The forward pass and the sampling of one step on `backend`: every sampled row is picked
+/// by the backend (a kernel on a GPU) and only the rows that need host work are copied out,
+/// so one request with penalties does not pull a whole batch's logits off the device.
 pub fn run_model_step(
     model: &Model,
     backend: &mut dyn Backend,
@@ -104,22 +107,37 @@ pub fn run_model_step(
 ) -> Result<StepOutput, StepError> {
     let Some(logits) = model.forward_logits(backend, kv, batch)? else {
         return Ok(StepOutput {
-            logits: Some(Vec::new()),
+            logits: Vec::new(),
             sampled: vec![None; sampling.rows.len()],
         });
     };
-    if sampling.needs_logits() {
-        let host = backend.to_host_f32(&logits).map_err(StepError::Logits)?;
-        return Ok(StepOutput::from_host_logits(host, sampling));
+    let mut sampled = vec![None; sampling.rows.len()];
+    if sampling.rows.iter().any(Option::is_some) {
+        // Rows the host handles get a cheap greedy pick whose result is dropped: the kernel
+        // runs over whole tensors, and a greedy row costs one max over the vocabulary.
+        let params: Vec<RowSampling> = sampling
+            .rows
+            .iter()
+            .map(|p| p.unwrap_or_else(RowSampling::greedy))
+            .collect();
+        let picks = backend
+            .sample(&logits, &params, sampling.logprobs)
+            .map_err(StepError::Sample)?;
+        for ((slot, pick), p) in sampled.iter_mut().zip(picks).zip(&sampling.rows) {
+            if p.is_some() {
+                *slot = Some(pick);
+            }
+        }
     }
-    let rows: Vec<RowSampling> = sampling.rows.iter().flatten().copied().collect();
-    let picks = backend
-        .sample(&logits, &rows, sampling.logprobs)
-        .map_err(StepError::Sample)?;
-    Ok(StepOutput {
-        logits: None,
-        sampled: picks.into_iter().map(Some).collect(),
-    })
+    let host_rows = sampling.logits_rows();
+    let logits = if host_rows.is_empty() {
+        Vec::new()
+    } else {
+        backend
+            .rows_to_host_f32(&logits, &host_rows)
+            .map_err(StepError::Logits)?
+    };
+    Ok(StepOutput { logits, sampled })
 }
 
 /// A model on one backend with its paged KV cache.
@@ -151,14 +169,19 @@ mod tests {
 
     #[test]
     fn host_logits_sample_only_the_rows_that_ask() {
-        let logits = vec![0.0, 2.0, 1.0, 5.0, -1.0, 0.0];
+        let logits = vec![0.0, 2.0, 1.0, 5.0, -1.0, 0.0, 3.0, 1.0, 4.0];
         let sampling = StepSampling {
-            rows: vec![None, Some(RowSampling::greedy())],
+            rows: vec![None, Some(RowSampling::greedy()), None],
             logprobs: Some(2),
         };
-        let out = StepOutput::from_host_logits(logits.clone(), &sampling);
-        assert_eq!(out.logits.as_deref(), Some(&logits[..]));
+        let out = StepOutput::from_host_logits(&logits, &sampling);
+        assert_eq!(
+            out.logits,
+            [0.0, 2.0, 1.0, 3.0, 1.0, 4.0],
+            "rows 0 and 2 only"
+        );
         assert_eq!(out.sampled[0], None);
+        assert_eq!(out.sampled[2], None);
         let pick = out.sampled[1].as_ref().expect("row 1 sampled");
         assert_eq!(pick.token, 0);
         assert_eq!(pick.top.iter().map(|t| t.0).collect::<Vec<_>>(), [0, 2]);

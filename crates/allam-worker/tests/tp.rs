@@ -277,12 +277,12 @@ fn generate(
         };
         let output = exec.execute(&batch, &plan).expect("step");
         assert_eq!(output.sampled.len(), sampling.len());
+        let mut host_rows = output.logits.chunks_exact(vocab);
         for (r, &i) in sampling.iter().enumerate() {
             let next = match &output.sampled[r] {
                 Some(pick) => pick.token,
                 None => {
-                    let logits = output.logits.as_ref().expect("a row asked for logits");
-                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let row = host_rows.next().expect("a row asked for logits");
                     out[i].0 = row.to_vec();
                     argmax(row)
                 }

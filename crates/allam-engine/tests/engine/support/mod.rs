@@ -301,7 +301,7 @@ impl StepExecutor for FakeKvModel {
             }
             logits.extend(fake_logits(&context, self.vocab));
         }
-        Ok(StepOutput::from_host_logits(logits, sampling))
+        Ok(StepOutput::from_host_logits(&logits, sampling))
     }
 }
 
