@@ -5,22 +5,23 @@
 //! How a step becomes a replay (`Backend::graph_step`, driven by `Model::forward_logits`):
 //! 1. Only pure decode batches qualify (every sequence has one query token and samples), up to
 //!    `max_batch` sequences. The batch is padded to the next size of [`ladder`] with dummy
-//!    sequences (token 0 at position 0, context 1, block 0, slot [`PAD_SLOT`], which
-//!    `kv_write` skips), so one graph serves every batch size up to its own.
+//!    sequences (token 0 at position 0, context 1, block 0, slot `allam_backend::PAD_SLOT`,
+//!    which `kv_write` skips), so one graph serves every batch size up to its own.
 //! 2. The step metadata goes into a buffer that the graph owns, at a layout that depends only
 //!    on the padded size: decode block tables are as wide as the model's context and the
 //!    split-K geometry is sized for that context (`step::pack_step_with`). Partitions past a
 //!    sequence's context exit at once, so the fixed geometry costs little.
-//! 3. First use of a size: the model runs the pass for real while every activation the
-//!    backend hands out is kept (the arena); then runs it again under stream capture, where
+//! 3. First use of a size (the engine warms every size up with a padding-only step before
+//!    serving, `Backend::graph_batch_sizes`): the model runs the pass for real while every
+//!    activation the backend hands out is kept (the arena); then again under stream capture, where
 //!    the allocations are served from the arena in the same order, so the graph's pointers
 //!    stay valid as long as the graph does. Later uses upload the metadata, launch the graph
 //!    and copy the batch's own logits rows out.
 //!
 //! Invariants: nothing is allocated from the device while the stream captures; a graph keeps
-//! every buffer it touches alive (arena, metadata, and the backend's split-K workspace and
-//! cuBLAS workspace, which are never reallocated while graphs exist: growing the split-K
-//! workspace drops every graph first); a failed capture costs only that size's graph, never
+//! every buffer it touches alive (arena, metadata, the split-K workspace it was recorded with,
+//! which a larger one may replace for eager steps without disturbing it, and the cuBLAS
+//! workspace, which never changes); a failed capture costs only that size's graph, never
 //! the step.
 
 use std::collections::{HashMap, HashSet};
@@ -88,6 +89,8 @@ struct DecodeGraph {
     logits: Arc<DevBuf>,
     /// Every activation the graph reads or writes.
     _arena: Vec<Arc<DevBuf>>,
+    /// The split-K workspace the graph was recorded with.
+    _workspace: Option<Arc<CudaSlice<f32>>>,
 }
 
 enum Phase {
@@ -156,6 +159,13 @@ impl CudaBackend {
             _cublas_workspace: workspace,
         });
         Ok(())
+    }
+
+    /// The ladder of sizes graphs are captured at (empty when graphs are off).
+    pub(crate) fn graph_sizes(&self) -> Vec<usize> {
+        self.graphs
+            .as_ref()
+            .map_or_else(Vec::new, |g| g.ladder.clone())
     }
 
     /// Every activation goes through here: from the device normally, kept in the arena while
@@ -440,6 +450,7 @@ impl CudaBackend {
                             meta: c.meta,
                             logits: Arc::clone(&eager_buf),
                             _arena: c.arena,
+                            _workspace: self.workspace.clone(),
                         },
                     );
                 }

@@ -35,6 +35,7 @@ mod step;
 mod storage;
 mod tp;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use allam_backend::{DType, Error as OpError, Tensor};
@@ -82,8 +83,9 @@ pub struct CudaBackend {
     /// hold kernels of `dev`'s modules and run cuBLAS kernels, so they go before the modules
     /// are unloaded and the cuBLAS handle is destroyed.
     graphs: Option<graph::Graphs>,
-    /// Split-K decode workspace, grown on demand (f32).
-    workspace: Option<CudaSlice<f32>>,
+    /// Split-K decode workspace, grown on demand (f32). Shared with the graphs captured
+    /// while it was current, which keep it alive after a larger one replaces it.
+    workspace: Option<Arc<CudaSlice<f32>>>,
     dev: device::Device,
 }
 
@@ -274,9 +276,8 @@ impl CudaBackend {
             });
         }
         if !big_enough {
-            // Captured graphs point at the old buffer.
-            self.drop_graphs();
-            // Grow by 2x to amortise; the old buffer is freed in stream order.
+            // Grow by 2x to amortise. Graphs captured with the old buffer hold it; otherwise it
+            // is freed in stream order.
             let want = len
                 .max(self.workspace.as_ref().map_or(0, |w| 2 * w.len()))
                 .max(1);
@@ -285,7 +286,7 @@ impl CudaBackend {
                 .stream
                 .alloc_zeros::<f32>(want)
                 .map_err(|e| device_err(op, e))?;
-            self.workspace = Some(buf);
+            self.workspace = Some(Arc::new(buf));
         }
         let w = self
             .workspace

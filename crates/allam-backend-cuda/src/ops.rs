@@ -601,6 +601,10 @@ impl Backend for CudaBackend {
         self.graph_step_impl(batch, kv)
     }
 
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        self.graph_sizes()
+    }
+
     fn graph_capture_begin(&mut self) -> Result<(), OpError> {
         self.graph_capture_begin_impl()
     }

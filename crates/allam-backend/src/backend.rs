@@ -294,6 +294,13 @@ pub trait Backend: Send {
         Ok(GraphStep::Eager)
     }
 
+    /// The decode batch sizes this backend replays from captured graphs (empty without
+    /// graphs). The engine runs one padding-only step of each before serving, so captures
+    /// happen, and run out of memory if they must, at start-up rather than under load.
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
     /// After the real pass of a [`GraphStep::Capture`]: starts recording.
     fn graph_capture_begin(&mut self) -> Result<(), Error> {
         Err(Error::Unsupported {

@@ -29,7 +29,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::EngineConfig;
 use crate::core::{EngineCore, NewRequest};
-use crate::executor::{ModelExecutor, StepExecutor};
+use crate::executor::{padding_step, ModelExecutor, StepExecutor};
 use crate::stats::{EngineStats, ModelInfo, Shared};
 use crate::stream::EventStream;
 use crate::{failure_reason, Error};
@@ -85,7 +85,7 @@ impl Engine {
     /// Starts an engine over any executor; `info.num_blocks` blocks of `info.block_size`
     /// tokens must already exist wherever the executor keeps its KV cache.
     pub fn start_with_executor(
-        executor: Box<dyn StepExecutor>,
+        mut executor: Box<dyn StepExecutor>,
         info: ModelInfo,
         tokenizer: Tokenizer,
         config: EngineConfig,
@@ -108,6 +108,13 @@ impl Engine {
                     info.num_blocks, info.vocab_size
                 ),
             });
+        }
+        // Largest first: if graphs do not fit beside the KV cache, start-up says so at once.
+        for size in executor.graph_batch_sizes().into_iter().rev() {
+            let (batch, sampling) = padding_step(size, info.block_size);
+            executor
+                .execute(&batch, &sampling)
+                .map_err(|source| Error::GraphWarmup { size, source })?;
         }
         let shared = Arc::new(Shared::default());
         let (commands, receiver) =

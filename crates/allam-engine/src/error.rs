@@ -19,6 +19,17 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A padding step that captures a decode graph failed before serving (typically: the
+    /// graph's activations do not fit beside the KV cache).
+    #[error(
+        "warming up the decode graph for {size} sequences: {source} (lower the KV cache budget \
+         or the largest graph batch, or turn CUDA graphs off)"
+    )]
+    GraphWarmup {
+        size: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The engine thread could not be spawned.
     #[error("spawning the `allam-engine` thread: {0}")]
     Spawn(#[source] std::io::Error),
@@ -50,6 +61,7 @@ impl Error {
         match self {
             Error::InvalidConfig { .. } => "invalid_config",
             Error::KvCacheAlloc { .. } => "kv_cache_alloc",
+            Error::GraphWarmup { .. } => "graph_warmup",
             Error::Spawn(_) => "engine_spawn",
             Error::QueueFull { .. } => "queue_full",
             Error::PromptTooLarge { .. } => "prompt_too_large",

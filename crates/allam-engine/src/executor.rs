@@ -12,7 +12,7 @@
 //! rows leave the device.
 
 use allam_backend::sampling::sample_row;
-use allam_backend::{Backend, KvCache, RowSampling, SampledToken, StepBatch};
+use allam_backend::{Backend, KvCache, RowSampling, SampledToken, StepBatch, PAD_SLOT};
 use allam_model::Model;
 
 /// The error an executor reports; its message reaches the failed requests' `Failed` events.
@@ -93,6 +93,34 @@ pub trait StepExecutor: Send {
         batch: &StepBatch,
         sampling: &StepSampling,
     ) -> Result<StepOutput, ExecutorError>;
+
+    /// Decode batch sizes the executor's backend replays from captured graphs
+    /// ([`Backend::graph_batch_sizes`]); the engine warms each up before serving.
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// A step of `size` padding sequences (token 0 at position 0 in block 0, slot `PAD_SLOT`):
+/// it writes no KV and its picks are dropped, but it runs, and so captures, the decode graph
+/// of its size.
+pub(crate) fn padding_step(size: usize, block_size: usize) -> (StepBatch, StepSampling) {
+    let mut batch = StepBatch {
+        block_size: block_size as u32,
+        ..StepBatch::default()
+    };
+    for _ in 0..size {
+        let rows = batch.push_seq(&[0], 1, vec![0]);
+        batch.logits_rows.push(rows.start);
+        if let Some(slot) = batch.slot_mapping.last_mut() {
+            *slot = PAD_SLOT;
+        }
+    }
+    let sampling = StepSampling {
+        rows: vec![Some(RowSampling::greedy()); size],
+        logprobs: None,
+    };
+    (batch, sampling)
 }
 
 /// The forward pass and the sampling of one step on `backend`: every sampled row is picked
@@ -160,6 +188,10 @@ impl StepExecutor for ModelExecutor {
             batch,
             sampling,
         )?)
+    }
+
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        self.backend.graph_batch_sizes()
     }
 }
 

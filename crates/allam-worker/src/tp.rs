@@ -279,6 +279,10 @@ impl StepExecutor for TpLeader {
     ) -> Result<StepOutput, ExecutorError> {
         Ok(self.step(batch, sampling)?)
     }
+
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        self.backend.graph_batch_sizes()
+    }
 }
 
 impl Drop for TpLeader {

@@ -617,3 +617,91 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+/// (sequences, every slot padding) of each step a [`WarmupProbe`] executed.
+type SeenSteps = std::sync::Arc<std::sync::Mutex<Vec<(usize, bool)>>>;
+
+/// Reports graph sizes like a CUDA backend with `--cuda-graphs` and records every step.
+struct WarmupProbe {
+    inner: FakeKvModel,
+    sizes: Vec<usize>,
+    seen: SeenSteps,
+    fail_size: Option<usize>,
+}
+
+impl allam_engine::StepExecutor for WarmupProbe {
+    fn execute(
+        &mut self,
+        batch: &allam_backend::StepBatch,
+        sampling: &allam_engine::StepSampling,
+    ) -> Result<allam_engine::StepOutput, allam_engine::ExecutorError> {
+        let padding = batch
+            .slot_mapping
+            .iter()
+            .all(|&s| s == allam_backend::PAD_SLOT);
+        self.seen
+            .lock()
+            .expect("probe lock")
+            .push((batch.seqs.len(), padding));
+        if Some(batch.seqs.len()) == self.fail_size && padding {
+            return Err("out of memory capturing".into());
+        }
+        self.inner.execute(batch, sampling)
+    }
+
+    fn graph_batch_sizes(&self) -> Vec<usize> {
+        self.sizes.clone()
+    }
+}
+
+fn probe_engine(
+    fail_size: Option<usize>,
+) -> (Result<allam_engine::EngineHandle, Error>, SeenSteps) {
+    let config = config();
+    let num_blocks = config.num_blocks.expect("sized");
+    let seen = std::sync::Arc::default();
+    let probe = WarmupProbe {
+        inner: FakeKvModel::new(num_blocks, config.block_size),
+        sizes: vec![1, 2, 4],
+        seen: std::sync::Arc::clone(&seen),
+        fail_size,
+    };
+    let info = allam_engine::ModelInfo {
+        vocab_size: FAKE_VOCAB,
+        max_context: 4096,
+        eos_token_ids: vec![2],
+        block_size: config.block_size,
+        num_blocks,
+    };
+    let started =
+        allam_engine::Engine::start_with_executor(Box::new(probe), info, tokenizer(), config);
+    (started, seen)
+}
+
+/// Before serving, the engine runs one padding-only step per graph size, largest first; they
+/// write no KV, so requests afterwards see exactly what an engine without graphs gives.
+#[test]
+fn graph_sizes_are_warmed_up_before_serving_without_touching_the_cache() {
+    let (handle, seen) = probe_engine(None);
+    let handle = handle.expect("engine starts");
+    assert_eq!(
+        *seen.lock().expect("probe lock"),
+        [(4, true), (2, true), (1, true)]
+    );
+    let tok = tokenizer();
+    let p = prompt(3, 11);
+    let warmed = collect(&mut handle.submit(valid(&tok, &p, greedy(12))).expect("submit"));
+    let (plain, _) = start_fake(config(), 256);
+    let reference = collect(&mut plain.submit(valid(&tok, &p, greedy(12))).expect("submit"));
+    assert_eq!(warmed.failed, None);
+    assert_eq!(warmed.ids, reference.ids);
+    assert_pool_full(&handle);
+}
+
+#[test]
+fn a_failed_graph_warm_up_fails_start_up_naming_the_size() {
+    let (started, _) = probe_engine(Some(2));
+    let err = started.err().expect("start-up fails");
+    assert!(matches!(err, Error::GraphWarmup { size: 2, .. }), "{err}");
+    assert!(err.to_string().contains("2 sequences"), "{err}");
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use allam_backend::StepBatch;
+use allam_backend::{StepBatch, PAD_SLOT};
 use allam_engine::{
     Engine, EngineConfig, EngineHandle, EventStream, ExecutorError, ModelInfo, StepExecutor,
     StepOutput, StepSampling,
@@ -278,7 +278,9 @@ impl StepExecutor for FakeKvModel {
         let num_blocks = self.slots.len() / batch.block_size as usize;
         batch.validate(num_blocks)?;
         for (t, &slot) in batch.slot_mapping.iter().enumerate() {
-            self.slots[slot as usize] = Some((batch.token_ids[t], batch.positions[t]));
+            if slot != PAD_SLOT {
+                self.slots[slot as usize] = Some((batch.token_ids[t], batch.positions[t]));
+            }
         }
         let bs = batch.block_size as usize;
         let mut logits = Vec::with_capacity(batch.logits_rows.len() * self.vocab);
@@ -288,6 +290,11 @@ impl StepExecutor for FakeKvModel {
                 .iter()
                 .find(|s| row >= s.query_start && row < s.query_start + s.query_len)
                 .ok_or("logits row outside every sequence")?;
+            if batch.slot_mapping[row as usize] == PAD_SLOT {
+                // A padding row (graph warm-up): it has no context to check.
+                logits.extend(fake_logits(&[batch.token_ids[row as usize]], self.vocab));
+                continue;
+            }
             let pos = batch.positions[row as usize] as usize;
             let mut context = Vec::with_capacity(pos + 1);
             for q in 0..=pos {
