@@ -201,7 +201,8 @@ pub struct ModelArgs {
     /// a GPU.
     #[arg(long, env = "ALLAM_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
-    /// Largest decode batch replayed from a CUDA graph; larger batches run eagerly.
+    /// Largest decode batch replayed from a CUDA graph (at most --max-num-seqs); larger
+    /// batches run eagerly.
     #[arg(long, default_value_t = 256, env = "ALLAM_CUDA_GRAPH_MAX_BATCH")]
     pub cuda_graph_max_batch: usize,
 }

@@ -178,8 +178,10 @@ pub fn group_config(
         if model.cuda_graph_max_batch == 0 {
             bail!("--cuda-graph-max-batch must be at least 1");
         }
+        // A decode step never holds more than --max-num-seqs sequences: larger graphs would
+        // only cost memory and warm-up time.
         Some(allam_backend_cuda::CudaGraphOptions {
-            max_batch: model.cuda_graph_max_batch,
+            max_batch: model.cuda_graph_max_batch.min(engine.max_num_seqs.max(1)),
         })
     } else {
         None
