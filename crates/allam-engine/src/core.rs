@@ -344,6 +344,7 @@ impl EngineCore {
         let rows = &mut self.sampling.rows;
         rows.clear();
         let mut logprobs: Option<usize> = None;
+        let (mut on_backend, mut on_host) = (0u64, 0u64);
         for s in &plan.seqs {
             rows.extend(std::iter::repeat_n(None, s.prompt_rows.len()));
             if !s.samples {
@@ -373,9 +374,16 @@ impl EngineCore {
                 }
                 _ => None,
             };
+            if row.is_some() {
+                on_backend += 1;
+            } else {
+                on_host += 1;
+            }
             rows.push(row);
         }
         self.sampling.logprobs = logprobs;
+        metrics::counter!(m::SAMPLED_ROWS_TOTAL, "path" => "backend").increment(on_backend);
+        metrics::counter!(m::SAMPLED_ROWS_TOTAL, "path" => "host").increment(on_host);
     }
 
     fn process_outputs(&mut self, plan: &StepPlan, output: &StepOutput) {

@@ -233,6 +233,13 @@ async fn metrics_logs_and_traces_after_known_traffic() {
         delta(names::GENERATED_TOKENS_TOTAL, &[]),
         tokens("completion_tokens", None)
     );
+    // One sampled row per generated token; these plain requests' rows were all picked by
+    // the backend.
+    assert_eq!(
+        delta(names::SAMPLED_ROWS_TOTAL, &[("path", "backend")]),
+        tokens("completion_tokens", None)
+    );
+    assert_eq!(delta(names::SAMPLED_ROWS_TOTAL, &[("path", "host")]), 0.0);
     assert!(
         delta(
             &format!("{}_count", names::REQUEST_DURATION_SECONDS),

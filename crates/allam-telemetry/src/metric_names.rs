@@ -40,3 +40,7 @@ pub const PREFIX_CACHE_QUERIED_TOKENS_TOTAL: &str = "allam_prefix_cache_queried_
 pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "allam_prefix_cache_hit_tokens_total";
 pub const PREEMPTIONS_TOTAL: &str = "allam_preemptions_total";
 pub const STEP_DURATION_SECONDS: &str = "allam_step_duration_seconds";
+/// Sampled logits rows by `path`: `backend` (picked where the logits are, a kernel on a GPU)
+/// or `host` (penalties, min-p, masked eos, the `n > 1` fork: the row's logits were copied
+/// out). A growing `host` share on a GPU means requests are paying for host sampling.
+pub const SAMPLED_ROWS_TOTAL: &str = "allam_sampled_rows_total";

@@ -93,6 +93,10 @@ fn describe_metrics() {
         m::GENERATED_TOKENS_TOTAL,
         "Generated tokens of finished requests."
     );
+    metrics::describe_counter!(
+        m::SAMPLED_ROWS_TOTAL,
+        "Sampled logits rows, by `path` (backend: picked on the device; host: copied out)."
+    );
     metrics::describe_histogram!(
         m::QUEUE_DURATION_SECONDS,
         metrics::Unit::Seconds,
