@@ -17,8 +17,6 @@
 //!   are computed only when asked for (`logprobs: Some(n)`): a softmax denominator over the
 //!   vocabulary costs more on a CPU than the pick itself.
 
-use std::cmp::Ordering;
-
 /// Most top logprobs a backend reports per row (the kernel's fixed per-row buffer).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -78,10 +76,6 @@ fn value(l: f32) -> f64 {
     }
 }
 
-fn desc(a: f64, b: f64) -> Ordering {
-    b.total_cmp(&a)
-}
-
 /// [`sample_row_with_margin`] without the margin.
 pub fn sample_row(row: &[f32], p: &RowSampling, logprobs: Option<usize>) -> SampledToken {
     sample_row_with_margin(row, p, logprobs).0
@@ -129,40 +123,86 @@ pub fn sample_row_with_margin(
         };
         return (token, margin);
     };
-    let lse = if max.is_finite() {
-        // f32 exponentials (each exact to an ulp), summed in f64.
-        let sum: f64 = row
-            .iter()
-            .filter(|l| !l.is_nan())
-            .map(|&l| f64::from((l - max32).exp()))
-            .sum();
-        max + sum.ln()
-    } else {
-        max
-    };
-    let top = top_n(row, n_top)
-        .into_iter()
-        .map(|i| (i as u32, (value(row[i]) - lse) as f32))
-        .collect();
+    let (logprob, top) = log_softmax_at(row, chosen, n_top);
     (
         SampledToken {
             token: chosen as u32,
-            logprob: (value(row[chosen]) - lse) as f32,
+            logprob,
             top,
         },
         margin,
     )
 }
 
+/// `log_softmax(row)` at `chosen` and at the row's `n` largest logits (descending, ties by
+/// id). NaN logits count as `-inf`. The host's one statement of the logprobs every path
+/// reports.
+pub fn log_softmax_at(row: &[f32], chosen: usize, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = row
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max.is_finite() {
+        // Exponentials in f32 (to about an ulp), summed in f64.
+        // Two passes: the f32 one vectorizes, the f64 sum keeps 64k terms accurate.
+        let exps: Vec<f32> = row.iter().map(|&l| exp_nonpositive(l - max)).collect();
+        let sum: f64 = exps.iter().map(|&e| f64::from(e)).sum();
+        f64::from(max) + sum.ln()
+    } else {
+        f64::from(max)
+    };
+    let at = |i: usize| (row.get(i).map_or(f64::NEG_INFINITY, |&l| value(l)) - lse) as f32;
+    let top = top_n(row, n)
+        .into_iter()
+        .map(|i| (i as u32, at(i)))
+        .collect();
+    (at(chosen), top)
+}
+
+/// `exp(x)` for `x <= 0` (NaN and `-inf` give 0), in f32 to a few ulps: Cody-Waite range
+/// reduction and a degree-6 polynomial, branch-free so a loop over a row vectorizes (the
+/// softmax denominator of logprobs; `cargo bench -p allam-backend --bench sample`).
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Below this exp(x) is subnormal: report 0, which also covers -inf and NaN.
+    let live = x >= -87.3;
+    let x = if live { x.min(0.0) } else { 0.0 };
+    // Round to nearest with the 1.5 * 2^23 trick: the integer lands in the low mantissa bits,
+    // so neither a libm call nor a float-to-int cast stops the loop from vectorizing.
+    const ROUNDER: f32 = 12_582_912.0;
+    let shifted = x * LOG2E + ROUNDER;
+    let n = shifted - ROUNDER;
+    let n_bits = shifted.to_bits().wrapping_sub(ROUNDER.to_bits());
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let poly = 1.987_569_2e-4_f32;
+    let poly = poly * r + 1.398_199_9e-3;
+    let poly = poly * r + 8.333_452e-3;
+    let poly = poly * r + 4.166_579_6e-2;
+    let poly = poly * r + 1.666_666_5e-1;
+    let poly = poly * r + 0.5;
+    let e = 1.0 + r + r * r * poly;
+    // 2^n for n in [-126, 0] built from the exponent bits (n_bits is n modulo 2^32).
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if live {
+        e * scale
+    } else {
+        0.0
+    }
+}
+
 /// The stochastic pick of a row whose largest logit `max` is finite: (id, margin).
-/// Weights are computed once (f32 `exp`, f64 sums); top-p sorts only as many of the largest
-/// logits as it needs.
+/// Weights are computed once (f32 exponentials, f64 sums); top-p sorts only as many of the
+/// largest logits as it needs.
 fn draw(row: &[f32], p: &RowSampling, max: f64) -> (usize, f64) {
     let vals: Vec<f32> = row
         .iter()
         .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
         .collect();
     let (max32, inv_t) = (max as f32, 1.0 / p.temperature);
+    // Called per element in branchy loops: the C library's `expf` is the faster one there.
     let weight = |v: f32| f64::from(((v - max32) * inv_t).exp());
     let k = p.top_k as usize;
     let floor = if k == 0 || k >= vals.len() {
@@ -237,25 +277,35 @@ fn top_p_threshold(vals: &[f32], floor: f32, target: f64, weight: impl Fn(f32) -
     }
 }
 
-/// Ids of the `n` largest logits, descending, ties by id.
+/// Ids of the `n` largest logits, descending, ties by id: one pass keeping the best `n` in a
+/// small sorted buffer (ids arrive in order, so a later equal value goes after the earlier).
 fn top_n(row: &[f32], n: usize) -> Vec<usize> {
     let n = n.min(row.len());
+    let mut best: Vec<(f64, usize)> = Vec::with_capacity(n + 1);
     if n == 0 {
         return Vec::new();
     }
-    let by_desc = |a: &usize, b: &usize| desc(value(row[*a]), value(row[*b])).then(a.cmp(b));
-    let mut ids: Vec<usize> = (0..row.len()).collect();
-    if n < ids.len() {
-        ids.select_nth_unstable_by(n - 1, by_desc);
-        ids.truncate(n);
+    for (i, &l) in row.iter().enumerate() {
+        let v = value(l);
+        if best.len() == n && v <= best[n - 1].0 {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| b >= v);
+        best.insert(at, (v, i));
+        best.truncate(n);
     }
-    ids.sort_unstable_by(by_desc);
-    ids
+    best.into_iter().map(|(_, i)| i).collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cmp::Ordering;
+
     use super::*;
+
+    fn desc(a: f64, b: f64) -> Ordering {
+        b.total_cmp(&a)
+    }
 
     fn sampled(row: &[f32], temperature: f32, top_k: u32, top_p: f32, uniform: f32) -> u32 {
         let p = RowSampling {
@@ -486,5 +536,41 @@ mod tests {
             }
         }
         assert!(checked > 250, "only {checked} cases were decisive");
+    }
+
+    #[test]
+    fn the_exponential_is_exact_to_a_few_ulps_and_zero_below_range() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_nonpositive(x));
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_3;
+        }
+        assert!(
+            worst < 4.0 * f64::from(f32::EPSILON),
+            "relative error {worst}"
+        );
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        for dead in [-88.0f32, -1e30, f32::NEG_INFINITY, f32::NAN] {
+            assert_eq!(exp_nonpositive(dead), 0.0, "{dead}");
+        }
+    }
+
+    #[test]
+    fn top_n_is_the_sorted_prefix_with_id_ties() {
+        let row: Vec<f32> = (0..500)
+            .map(|i| match i % 7 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                _ => ((i * 37 % 23) as f32 - 11.0) / 2.0,
+            })
+            .collect();
+        let mut sorted: Vec<usize> = (0..row.len()).collect();
+        sorted.sort_by(|a, b| desc(value(row[*a]), value(row[*b])).then(a.cmp(b)));
+        for n in [0usize, 1, 2, 5, 20, 499, 500, 600] {
+            assert_eq!(top_n(&row, n), sorted[..n.min(500)], "n = {n}");
+        }
     }
 }

@@ -16,7 +16,7 @@
 //! Logprobs are those of the model's raw distribution (`log_softmax` of the logits before any
 //! penalty, mask or temperature), which is what the goldens and vLLM's default report.
 
-use allam_backend::sampling::{sample_row, RowSampling, MAX_TOP_LOGPROBS};
+use allam_backend::sampling::{log_softmax_at, sample_row, RowSampling, MAX_TOP_LOGPROBS};
 use allam_request::SamplingParams;
 use allam_types::{StepLogprobs, TokenId, TokenLogprob};
 use rand::Rng;
@@ -36,7 +36,6 @@ pub(crate) struct SampleInput<'a> {
 pub(crate) struct Sampler {
     work: Vec<f32>,
     seen: Vec<u32>,
-    ids: Vec<u32>,
 }
 
 impl Sampler {
@@ -44,7 +43,6 @@ impl Sampler {
         Sampler {
             work: Vec::with_capacity(vocab_size),
             seen: vec![0; vocab_size],
-            ids: Vec::with_capacity(vocab_size),
         }
     }
 
@@ -155,65 +153,21 @@ impl Sampler {
         }
     }
 
-    /// Logprob of `chosen` and the `top_n` most likely tokens under `log_softmax(logits)`.
-    pub(crate) fn logprobs(
-        &mut self,
-        logits: &[f32],
-        chosen: TokenId,
-        top_n: usize,
-    ) -> StepLogprobs {
-        let lse = log_sum_exp(logits);
-        let logprob_of = |id: u32| {
-            logits
-                .get(id as usize)
-                .map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - lse) as f32)
-        };
-        let mut top = Vec::with_capacity(top_n);
-        if top_n > 0 {
-            let ids = &mut self.ids;
-            ids.clear();
-            ids.extend(0..logits.len() as u32);
-            let by_desc = |a: &u32, b: &u32| {
-                logits[*b as usize]
-                    .total_cmp(&logits[*a as usize])
-                    .then(a.cmp(b))
-            };
-            let n = top_n.min(ids.len());
-            if n < ids.len() {
-                ids.select_nth_unstable_by(n - 1, by_desc);
-                ids.truncate(n);
-            }
-            ids.sort_unstable_by(by_desc);
-            top.extend(ids.iter().map(|&id| TokenLogprob {
-                id,
-                logprob: logprob_of(id),
-            }));
-        }
+    /// Logprob of `chosen` and the `top_n` most likely tokens under `log_softmax(logits)`:
+    /// `allam_backend::sampling::log_softmax_at`, what backend-sampled rows report too.
+    pub(crate) fn logprobs(&self, logits: &[f32], chosen: TokenId, top_n: usize) -> StepLogprobs {
+        let (logprob, top) = log_softmax_at(logits, chosen as usize, top_n);
         StepLogprobs {
             chosen: TokenLogprob {
                 id: chosen,
-                logprob: logprob_of(chosen),
+                logprob,
             },
-            top,
+            top: top
+                .into_iter()
+                .map(|(id, logprob)| TokenLogprob { id, logprob })
+                .collect(),
         }
     }
-}
-
-fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return f64::from(max);
-    }
-    let sum: f64 = logits
-        .iter()
-        .filter(|l| !l.is_nan())
-        .map(|&l| (f64::from(l) - f64::from(max)).exp())
-        .sum();
-    f64::from(max) + sum.ln()
 }
 
 /// Index of the largest logit; the lowest index among ties; NaN never wins.
@@ -387,7 +341,7 @@ mod tests {
     #[test]
     fn logprobs_are_log_softmax() {
         let logits = [1.0f32, 2.0, 3.0];
-        let mut sampler = Sampler::new(3);
+        let sampler = Sampler::new(3);
         let lp = sampler.logprobs(&logits, 0, 2);
         let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
         let expect = |l: f32| (f64::from(l) - z.ln()) as f32;
