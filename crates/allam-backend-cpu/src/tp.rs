@@ -7,7 +7,7 @@
 use allam_backend::{Error, PreparedStep, Tensor, Weight};
 use allam_comm::Communicator;
 
-use allam_backend::checks::{check_token_ids, dims_2d, expect_2d};
+use allam_backend::checks::{check_embedding_shard, check_token_ids, dims_2d};
 
 use crate::storage;
 
@@ -27,16 +27,7 @@ pub(crate) fn embedding_shard(
     out: &mut Tensor,
 ) -> Result<(), Error> {
     const OP: &str = "embedding_shard";
-    let (rows, hidden) = dims_2d(OP, "table", table.shape())?;
-    if vocab_start + rows > vocab_size {
-        return Err(Error::shape(
-            OP,
-            "table",
-            format!("rows within the vocabulary of {vocab_size} from row {vocab_start}"),
-            table.shape(),
-        ));
-    }
-    expect_2d(OP, "out", out.shape(), step.num_tokens(), hidden)?;
+    let (rows, hidden) = check_embedding_shard(OP, table, vocab_start, vocab_size, step, out)?;
     let ids = &storage::step(OP, step)?.batch.token_ids;
     check_token_ids(OP, ids.iter().copied(), vocab_size)?;
     let table = storage::weight(OP, "table", table)?;

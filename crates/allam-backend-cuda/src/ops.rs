@@ -37,7 +37,7 @@ fn check_layout(op: &'static str, layout: &AttentionLayout) -> Result<HeadDim, O
     Ok(HeadDim::new(layout.head_dim).expect("attention_unsupported checked the head dim"))
 }
 
-fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, OpError> {
+pub(crate) fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, OpError> {
     u32::try_from(v)
         .map_err(|_| unsupported(op, format!("{what} = {v} exceeds the kernels' u32 range")))
 }
@@ -280,25 +280,9 @@ impl Backend for CudaBackend {
         step: &PreparedStep,
         out: &mut Tensor,
     ) -> Result<(), OpError> {
-        const OP: &str = "embedding";
-        self.bind(OP)?;
-        let (vocab, hidden) = checks::check_embedding(OP, table, step, out)?;
-        let st = storage::step(OP, step)?;
-        checks::check_token_ids(OP, st.layout.max_token_id, vocab)?;
-        let args = [
-            Arg::Ptr(storage::weight_ptr(OP, "table", table, DType::BF16)?),
-            Arg::Ptr(st.at(&self.dev.stream, st.layout.token_ids.start)),
-            Arg::Ptr(storage::tensor_bf16(OP, "out", out)?),
-            Arg::U32(u32_of(OP, "vocab", vocab)?),
-            Arg::U32(0),
-            Arg::U32(u32_of(OP, "hidden", hidden)?),
-        ];
-        self.launch(
-            OP,
-            Kernel::EmbeddingGather,
-            geometry::embedding_launch(step.num_tokens() as u32),
-            &args,
-        )
+        // The whole table: ids 0..vocab, every one of them in it.
+        let vocab = table.shape().first().copied().unwrap_or(0);
+        self.gather_embedding("embedding", table, 0, vocab, step, out)
     }
 
     fn rms_norm(
@@ -669,7 +653,7 @@ impl Backend for CudaBackend {
         step: &PreparedStep,
         out: &mut Tensor,
     ) -> Result<(), OpError> {
-        self.tp_embedding_shard(table, vocab_start, vocab_size, step, out)
+        self.gather_embedding("embedding_shard", table, vocab_start, vocab_size, step, out)
     }
 
     fn world_size(&self) -> usize {

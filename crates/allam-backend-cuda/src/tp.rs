@@ -18,6 +18,7 @@ use cudarc::driver::sys as cu;
 use cudarc::driver::{CudaSlice, CudaStream, DriverError};
 use cudarc::nccl::sys::ncclDataType_t;
 
+use crate::ops::u32_of;
 use crate::storage::{self, raw, DevBuf};
 use crate::{device_err, Arg, CudaBackend};
 
@@ -63,14 +64,6 @@ pub(crate) fn gather_copies(rows: usize, widths: &[usize], slot: usize) -> Vec<C
         column += width;
     }
     copies
-}
-
-fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, OpError> {
-    u32::try_from(v).map_err(|_| OpError::Unsupported {
-        op,
-        backend: storage::BACKEND_NAME,
-        detail: format!("{what} = {v} exceeds the kernels' u32 range"),
-    })
 }
 
 /// The NCCL type and element size of a buffer.
@@ -120,42 +113,33 @@ fn copy_columns(
 }
 
 impl CudaBackend {
-    /// `Backend::embedding_shard`: the gather kernel with `vocab_start` as its row offset
-    /// (ids outside the slice give zero rows).
-    pub(crate) fn tp_embedding_shard(
+    /// The embedding gather of ids `vocab_start..vocab_start + rows` of a vocabulary of
+    /// `vocab_size` from `table`'s rows; other ids give zero rows. `embedding` is the whole
+    /// table at 0, `embedding_shard` a tensor-parallel rank's slice.
+    pub(crate) fn gather_embedding(
         &mut self,
+        op: &'static str,
         table: &Weight,
         vocab_start: usize,
         vocab_size: usize,
         step: &PreparedStep,
         out: &mut Tensor,
     ) -> Result<(), OpError> {
-        const OP: &str = "embedding_shard";
-        self.bind(OP)?;
-        let (rows, hidden) = checks::check_embedding(OP, table, step, out)?;
-        if vocab_start
-            .checked_add(rows)
-            .is_none_or(|end| end > vocab_size)
-        {
-            return Err(OpError::shape(
-                OP,
-                "table",
-                format!("rows within the vocabulary of {vocab_size} from row {vocab_start}"),
-                table.shape(),
-            ));
-        }
-        let st = storage::step(OP, step)?;
-        checks::check_token_ids(OP, st.layout.max_token_id, vocab_size)?;
+        self.bind(op)?;
+        let (rows, hidden) =
+            checks::check_embedding_shard(op, table, vocab_start, vocab_size, step, out)?;
+        let st = storage::step(op, step)?;
+        checks::check_token_ids(op, st.layout.max_token_id, vocab_size)?;
         let args = [
-            Arg::Ptr(storage::weight_ptr(OP, "table", table, DType::BF16)?),
+            Arg::Ptr(storage::weight_ptr(op, "table", table, DType::BF16)?),
             Arg::Ptr(st.at(&self.dev.stream, st.layout.token_ids.start)),
-            Arg::Ptr(storage::tensor_bf16(OP, "out", out)?),
-            Arg::U32(u32_of(OP, "vocab slice rows", rows)?),
-            Arg::U32(u32_of(OP, "vocab_start", vocab_start)?),
-            Arg::U32(u32_of(OP, "hidden", hidden)?),
+            Arg::Ptr(storage::tensor_bf16(op, "out", out)?),
+            Arg::U32(u32_of(op, "table rows", rows)?),
+            Arg::U32(u32_of(op, "vocab_start", vocab_start)?),
+            Arg::U32(u32_of(op, "hidden", hidden)?),
         ];
         self.launch(
-            OP,
+            op,
             Kernel::EmbeddingGather,
             geometry::embedding_launch(step.num_tokens() as u32),
             &args,

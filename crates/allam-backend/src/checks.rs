@@ -220,6 +220,31 @@ pub fn check_embedding(
     Ok((vocab, hidden))
 }
 
+/// `embedding_shard`: [`check_embedding`], and the table's rows, starting at id
+/// `vocab_start`, lie inside a vocabulary of `vocab_size`; returns `(rows, hidden)`.
+pub fn check_embedding_shard(
+    op: &'static str,
+    table: &Weight,
+    vocab_start: usize,
+    vocab_size: usize,
+    step: &PreparedStep,
+    out: &Tensor,
+) -> Result<(usize, usize), Error> {
+    let (rows, hidden) = check_embedding(op, table, step, out)?;
+    if vocab_start
+        .checked_add(rows)
+        .is_none_or(|end| end > vocab_size)
+    {
+        return Err(Error::shape(
+            op,
+            "table",
+            format!("rows within the vocabulary of {vocab_size} from row {vocab_start}"),
+            table.shape(),
+        ));
+    }
+    Ok((rows, hidden))
+}
+
 /// Embedding lookups: every token id (a backend may pass only the largest) is below
 /// `vocab_size`; the first one that is not is named.
 pub fn check_token_ids(
