@@ -173,22 +173,15 @@ impl Backend for CudaBackend {
     fn rows_to_host_f32(&mut self, x: &Tensor, rows: &[usize]) -> Result<Vec<f32>, OpError> {
         const OP: &str = "rows_to_host_f32";
         self.bind(OP)?;
-        let (n, cols) = checks::dims_2d(OP, "x", x.shape())?;
-        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
-            return Err(OpError::shape(
-                OP,
-                "x",
-                format!("more than {bad} rows"),
-                x.shape(),
-            ));
-        }
+        let (_, cols) = checks::check_row_picks(OP, x.shape(), rows)?;
         self.settle_collectives(OP)?;
+        let buf = storage::tensor(OP, "x", x)?;
         let stream = &self.dev.stream;
         let mut host = Vec::with_capacity(rows.len() * cols);
         // One copy per row: rows are contiguous, and a batch asks for few of them.
         for &r in rows {
             let span = r * cols..(r + 1) * cols;
-            match storage::tensor(OP, "x", x)? {
+            match buf {
                 DevBuf::Bf16(s) => host.extend(bf16_to_f32(
                     &stream
                         .clone_dtoh(&s.slice(span))

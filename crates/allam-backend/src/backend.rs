@@ -129,15 +129,7 @@ pub trait Backend: Send {
     /// one after another, waiting for queued work: the logits rows the engine handles on the
     /// host, without the rest of the batch's. The default copies the whole tensor.
     fn rows_to_host_f32(&mut self, x: &Tensor, rows: &[usize]) -> Result<Vec<f32>, Error> {
-        let (n, cols) = checks::dims_2d("rows_to_host_f32", "x", x.shape())?;
-        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
-            return Err(Error::shape(
-                "rows_to_host_f32",
-                "x",
-                format!("more than {bad} rows"),
-                x.shape(),
-            ));
-        }
+        let (_, cols) = checks::check_row_picks("rows_to_host_f32", x.shape(), rows)?;
         let all = self.to_host_f32(x)?;
         Ok(rows
             .iter()

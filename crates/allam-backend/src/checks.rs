@@ -65,6 +65,20 @@ pub fn expect_rows(
     Ok(cols)
 }
 
+/// `rows_to_host_f32`: `x` is 2-D and every asked row is one of its rows; returns
+/// `(rows of x, cols)`.
+pub fn check_row_picks(
+    op: &'static str,
+    x: &[usize],
+    picks: &[usize],
+) -> Result<(usize, usize), Error> {
+    let (n, cols) = dims_2d(op, "x", x)?;
+    if let Some(&bad) = picks.iter().find(|&&r| r >= n) {
+        return Err(Error::shape(op, "x", format!("more than {bad} rows"), x));
+    }
+    Ok((n, cols))
+}
+
 /// `sample`: `logits` is `[rows.len(), vocab]` with `vocab > 0`, and the top logprobs asked
 /// for fit the per-row buffer every backend reports into. Returns `vocab`.
 pub fn sample_args(
