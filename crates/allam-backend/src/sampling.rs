@@ -99,16 +99,8 @@ pub fn sample_row_with_margin(
         };
         return (none, f64::INFINITY);
     }
-    let mut argmax = 0usize;
-    let mut max32 = f32::NEG_INFINITY;
-    for (i, &l) in row.iter().enumerate() {
-        // NaN compares false: it never wins.
-        if l > max32 {
-            argmax = i;
-            max32 = l;
-        }
-    }
-    let max = f64::from(max32);
+    let argmax = argmax(row);
+    let max = value(row[argmax]);
     let mut chosen = argmax;
     let mut margin = f64::INFINITY;
     if !p.is_greedy() && max.is_finite() {
@@ -123,7 +115,7 @@ pub fn sample_row_with_margin(
         };
         return (token, margin);
     };
-    let (logprob, top) = log_softmax_at(row, chosen, n_top);
+    let (logprob, top) = log_softmax_given_max(row, max as f32, chosen, n_top);
     (
         SampledToken {
             token: chosen as u32,
@@ -134,15 +126,33 @@ pub fn sample_row_with_margin(
     )
 }
 
+/// Index of the largest logit: the lowest among ties; NaN never wins (0 when nothing does).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0usize;
+    let mut best_logit = f32::NEG_INFINITY;
+    for (i, &l) in row.iter().enumerate() {
+        // NaN compares false.
+        if l > best_logit {
+            best = i;
+            best_logit = l;
+        }
+    }
+    best
+}
+
 /// `log_softmax(row)` at `chosen` and at the row's `n` largest logits (descending, ties by
 /// id). NaN logits count as `-inf`. The host's one statement of the logprobs every path
 /// reports.
 pub fn log_softmax_at(row: &[f32], chosen: usize, n: usize) -> (f32, Vec<(u32, f32)>) {
     let max = row
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
+        .get(argmax(row))
+        .map_or(f32::NEG_INFINITY, |&l| value(l) as f32);
+    log_softmax_given_max(row, max, chosen, n)
+}
+
+/// [`log_softmax_at`] for a caller that already knows the row's largest logit `max`
+/// (`-inf` when there is none).
+fn log_softmax_given_max(row: &[f32], max: f32, chosen: usize, n: usize) -> (f32, Vec<(u32, f32)>) {
     let lse = if max.is_finite() {
         // Exponentials in f32 (to about an ulp), summed in f64.
         // Two passes: the f32 one vectorizes, the f64 sum keeps 64k terms accurate.

@@ -16,7 +16,7 @@
 //! Logprobs are those of the model's raw distribution (`log_softmax` of the logits before any
 //! penalty, mask or temperature), which is what the goldens and vLLM's default report.
 
-use allam_backend::sampling::{log_softmax_at, sample_row, RowSampling, MAX_TOP_LOGPROBS};
+use allam_backend::sampling::{argmax, log_softmax_at, sample_row, RowSampling, MAX_TOP_LOGPROBS};
 use allam_request::SamplingParams;
 use allam_types::{StepLogprobs, TokenId, TokenLogprob};
 use rand::Rng;
@@ -62,7 +62,7 @@ impl Sampler {
             }
         }
         if params.is_greedy() {
-            return argmax(&self.work);
+            return argmax(&self.work) as TokenId;
         }
         if params.min_p > 0.0 {
             // p_T(l) >= min_p * p_T(max)  <=>  l >= max + T ln(min_p): a logit-space floor,
@@ -168,19 +168,6 @@ impl Sampler {
                 .collect(),
         }
     }
-}
-
-/// Index of the largest logit; the lowest index among ties; NaN never wins.
-fn argmax(logits: &[f32]) -> TokenId {
-    let mut best = 0usize;
-    let mut best_logit = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_logit {
-            best = i;
-            best_logit = l;
-        }
-    }
-    best as TokenId
 }
 
 #[cfg(test)]
