@@ -276,24 +276,36 @@ print(f"  largest logprob difference {label} vs plain CUDA: {worst:.6f}")
 sys.exit(0 if ok_all else 1)
 PY
 }
-if [[ -x $ALLAM && -d $FIX ]] && "$ALLAM" generate --help 2>/dev/null | grep -q -- '--dist-backend'; then
+# Reruns stage b's golden requests for one model with other generate flags and compares the
+# output with stage b's plain CUDA run (stages n and g).
+#   $1 label, $2 model, $3 file stem, $4 cap (s), $5 log lines to echo (ERE, or ''),
+#   then the generate flags. Non-zero when the run or the comparison fails.
+rerun_against_plain() {
+    local label=$1 model=$2 stem=$3 cap=$4 pattern=$5 lim rc
+    shift 5
+    local req=$RES/goldens-$model.jsonl plain=$RES/goldens-$model-cuda.out
+    local out=$RES/$stem-$model
+    [[ -s $req && -s $plain ]] || { log "$label: no stage-b CUDA output for $model to compare with"; return 1; }
+    lim=$(stage_limit "$cap")
+    log "$label: $model, generate $* (limit ${lim}s)"
+    timeout "$lim" "$ALLAM" generate "$@" --model "$FIX/$model" --requests "$req" >"$out.out" 2>"$out.log"
+    rc=$?
+    [[ -n $pattern ]] && grep -E "$pattern" "$out.log" | sort | uniq -c | head -8 >&2
+    if [[ $rc != 0 ]]; then
+        log "generate $* failed (exit $rc):"; tail -5 "$out.log" >&2
+        return 1
+    fi
+    compare_runs "$plain" "$out.out" "$label" | tee "$out.check" >&2
+    return "${PIPESTATUS[0]}"
+}
+generate_has() { [[ -x $ALLAM && -d $FIX ]] && "$ALLAM" generate --help 2>/dev/null | grep -q -- "$1"; }
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+if generate_has --dist-backend; then
     nccl_ok=1
     for model in tiny-allam tiny-allam-gqa; do
-        req=$RES/goldens-$model.jsonl
-        plain=$RES/goldens-$model-cuda.out
-        [[ -s $req && -s $plain ]] || { log "stage n: no stage-b CUDA output for $model to compare with"; nccl_ok=0; continue; }
-        lim=$(stage_limit 15)
-        log "stage n: $model through a one-rank NCCL group (limit ${lim}s)"
-        NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout "$lim" "$ALLAM" generate --device cuda --dist-backend nccl \
-            --model "$FIX/$model" --requests "$req" >"$RES/nccl-$model.out" 2>"$RES/nccl-$model.log"
-        rc=$?
-        grep -E 'NCCL (communicator|version)|NCCL INFO|NCCL WARN' "$RES/nccl-$model.log" | head -5 >&2
-        if [[ $rc != 0 ]]; then
-            log "generate --dist-backend nccl failed (exit $rc):"; tail -5 "$RES/nccl-$model.log" >&2
-            nccl_ok=0; continue
-        fi
-        compare_runs "$plain" "$RES/nccl-$model.out" NCCL | tee "$RES/nccl-$model.check" >&2
-        [[ ${PIPESTATUS[0]} == 0 ]] || nccl_ok=0
+        rerun_against_plain NCCL "$model" nccl 15 'NCCL (communicator|version)|NCCL INFO|NCCL WARN' \
+            --device cuda --dist-backend nccl || nccl_ok=0
     done
     STATUS+=("n. NCCL world size 1 (tiny-allam, tiny-allam-gqa) vs plain CUDA: $([[ $nccl_ok == 1 ]] && echo PASS || echo FAIL)")
 else
@@ -301,38 +313,16 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------
-# g. CUDA graphs against stage b's plain CUDA run
-if [[ -x $ALLAM && -d $FIX ]] && "$ALLAM" generate --help 2>/dev/null | grep -q -- '--cuda-graphs'; then
+# g. CUDA graphs against stage b's plain CUDA run, alone and with the all-reduces of a
+# one-rank NCCL group captured inside the graphs
+if generate_has --cuda-graphs; then
     graphs_ok=1
     for model in tiny-allam tiny-allam-gqa; do
-        req=$RES/goldens-$model.jsonl
-        plain=$RES/goldens-$model-cuda.out
-        [[ -s $req && -s $plain ]] || { log "stage g: no stage-b CUDA output for $model to compare with"; graphs_ok=0; continue; }
-        lim=$(stage_limit 20)
-        log "stage g: $model with CUDA graphs (limit ${lim}s)"
-        RUST_LOG=${RUST_LOG:-allam_backend_cuda=debug,info} timeout "$lim" "$ALLAM" generate --device cuda --cuda-graphs \
-            --model "$FIX/$model" --requests "$req" >"$RES/graphs-$model.out" 2>"$RES/graphs-$model.log"
-        rc=$?
-        grep -E 'decode graph' "$RES/graphs-$model.log" | sort | uniq -c | head -8 >&2
-        if [[ $rc != 0 ]]; then
-            log "generate --cuda-graphs failed (exit $rc):"; tail -5 "$RES/graphs-$model.log" >&2
-            graphs_ok=0; continue
-        fi
-        compare_runs "$plain" "$RES/graphs-$model.out" "CUDA graphs" | tee "$RES/graphs-$model.check" >&2
-        [[ ${PIPESTATUS[0]} == 0 ]] || graphs_ok=0
-        # The same with a one-rank NCCL group: its all-reduces are captured inside the graphs.
-        if "$ALLAM" generate --help 2>/dev/null | grep -q -- '--dist-backend'; then
-            lim=$(stage_limit 20)
-            log "stage g: $model with CUDA graphs in a one-rank NCCL group (limit ${lim}s)"
-            NCCL_DEBUG=${NCCL_DEBUG:-WARN} timeout "$lim" "$ALLAM" generate --device cuda --cuda-graphs --dist-backend nccl \
-                --model "$FIX/$model" --requests "$req" >"$RES/graphs-nccl-$model.out" 2>"$RES/graphs-nccl-$model.log"
-            rc=$?
-            if [[ $rc != 0 ]]; then
-                log "generate --cuda-graphs --dist-backend nccl failed (exit $rc):"; tail -5 "$RES/graphs-nccl-$model.log" >&2
-                graphs_ok=0; continue
-            fi
-            compare_runs "$plain" "$RES/graphs-nccl-$model.out" "CUDA graphs + NCCL" | tee "$RES/graphs-nccl-$model.check" >&2
-            [[ ${PIPESTATUS[0]} == 0 ]] || graphs_ok=0
+        RUST_LOG=${RUST_LOG:-allam_backend_cuda=debug,info} rerun_against_plain "CUDA graphs" "$model" graphs 20 \
+            'decode graph' --device cuda --cuda-graphs || graphs_ok=0
+        if generate_has --dist-backend; then
+            rerun_against_plain "CUDA graphs + NCCL" "$model" graphs-nccl 20 '' \
+                --device cuda --cuda-graphs --dist-backend nccl || graphs_ok=0
         fi
     done
     STATUS+=("g. CUDA graphs, alone and with NCCL (tiny-allam, tiny-allam-gqa) vs plain CUDA: $([[ $graphs_ok == 1 ]] && echo PASS || echo FAIL)")
