@@ -32,6 +32,21 @@ pub(crate) struct SampleInput<'a> {
     pub(crate) eos: &'a [TokenId],
 }
 
+/// The shared rules' parameters of one decision, with the step's one draw from the
+/// sequence's RNG unless it is greedy: both sampling paths get their row here, which is what
+/// keeps a seeded request's tokens the same on either.
+fn row_sampling(params: &SamplingParams, rng: &mut ChaCha8Rng) -> RowSampling {
+    if params.is_greedy() {
+        return RowSampling::greedy();
+    }
+    RowSampling {
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        uniform: rng.random::<f32>(),
+    }
+}
+
 /// Reusable buffers, so a step allocates nothing per sequence.
 pub(crate) struct Sampler {
     work: Vec<f32>,
@@ -75,13 +90,7 @@ impl Sampler {
                 }
             }
         }
-        let row = RowSampling {
-            temperature: params.temperature,
-            top_k: params.top_k,
-            top_p: params.top_p,
-            uniform: rng.random::<f32>(),
-        };
-        sample_row(&self.work, &row, None).token
+        sample_row(&self.work, &row_sampling(params, rng), None).token
     }
 
     /// The row a backend can sample by itself, or `None` when this decision needs the host
@@ -105,15 +114,7 @@ impl Sampler {
         if host_only {
             return None;
         }
-        if params.is_greedy() {
-            return Some(RowSampling::greedy());
-        }
-        Some(RowSampling {
-            temperature: params.temperature,
-            top_k: params.top_k,
-            top_p: params.top_p,
-            uniform: rng.random::<f32>(),
-        })
+        Some(row_sampling(params, rng))
     }
 
     fn apply_penalties(&mut self, input: &SampleInput<'_>) {
