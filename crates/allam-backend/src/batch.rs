@@ -52,9 +52,9 @@ impl StepBatch {
     /// This batch padded to `size` sequences, for a backend that replays one recorded step
     /// for every batch up to a size (CUDA graphs); `None` unless it is a pure decode batch
     /// (one query token per sequence, every row's logits asked for in order) of at most
-    /// `size` sequences whose contexts fit `max_blocks` blocks. A padding sequence is token
-    /// 0 at position 0 with context 1 in block 0, its slot [`PAD_SLOT`]: it reads block 0,
-    /// writes nothing, and its logits row (after the batch's own) is to be dropped.
+    /// `size` sequences whose contexts fit `max_blocks` blocks. The padding sequences
+    /// ([`StepBatch::push_padding_seq`]) come after the batch's own, and so do their logits
+    /// rows, which are to be dropped.
     pub fn padded_decode(&self, size: usize, max_blocks: u32) -> Option<StepBatch> {
         let n = self.seqs.len();
         let block_size = self.block_size.max(1);
@@ -75,13 +75,19 @@ impl StepBatch {
         }
         let mut padded = self.clone();
         for _ in n..size {
-            let rows = padded.push_seq(&[0], 1, vec![0]);
-            padded.logits_rows.push(rows.start);
-            if let Some(slot) = padded.slot_mapping.last_mut() {
-                *slot = PAD_SLOT;
-            }
+            padded.push_padding_seq();
         }
         Some(padded)
+    }
+
+    /// Appends one padding sequence, logits row included: token 0 at position 0 with context
+    /// 1 in block 0, its slot [`PAD_SLOT`], so it reads block 0 and writes nothing.
+    pub fn push_padding_seq(&mut self) {
+        let rows = self.push_seq(&[0], 1, vec![0]);
+        self.logits_rows.push(rows.start);
+        if let Some(slot) = self.slot_mapping.last_mut() {
+            *slot = PAD_SLOT;
+        }
     }
 
     /// Appends one sequence whose `query_tokens` are its last tokens of `context_len`,

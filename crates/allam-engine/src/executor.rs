@@ -12,7 +12,7 @@
 //! rows leave the device.
 
 use allam_backend::sampling::sample_row;
-use allam_backend::{Backend, KvCache, RowSampling, SampledToken, StepBatch, PAD_SLOT};
+use allam_backend::{Backend, KvCache, RowSampling, SampledToken, StepBatch};
 use allam_model::Model;
 
 /// The error an executor reports; its message reaches the failed requests' `Failed` events.
@@ -101,20 +101,15 @@ pub trait StepExecutor: Send {
     }
 }
 
-/// A step of `size` padding sequences (token 0 at position 0 in block 0, slot `PAD_SLOT`):
-/// it writes no KV and its picks are dropped, but it runs, and so captures, the decode graph
-/// of its size.
+/// A step of `size` padding sequences (`StepBatch::push_padding_seq`): it writes no KV and
+/// its picks are dropped, but it runs, and so captures, the decode graph of its size.
 pub(crate) fn padding_step(size: usize, block_size: usize) -> (StepBatch, StepSampling) {
     let mut batch = StepBatch {
         block_size: block_size as u32,
         ..StepBatch::default()
     };
     for _ in 0..size {
-        let rows = batch.push_seq(&[0], 1, vec![0]);
-        batch.logits_rows.push(rows.start);
-        if let Some(slot) = batch.slot_mapping.last_mut() {
-            *slot = PAD_SLOT;
-        }
+        batch.push_padding_seq();
     }
     let sampling = StepSampling {
         rows: vec![Some(RowSampling::greedy()); size],
