@@ -224,6 +224,22 @@ pub struct EngineArgs {
     pub max_waiting: usize,
     #[arg(long, env = "ALLAM_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
+    /// Prefill tokens a step may carry beside running streams' decode rows: bounds the gap
+    /// between two tokens of a running stream while long prompts arrive.
+    #[arg(
+        long,
+        default_value_t = 512,
+        env = "ALLAM_MAX_PREFILL_TOKENS_WITH_DECODES"
+    )]
+    pub max_prefill_tokens_with_decodes: usize,
+    /// Events buffered per request between the engine and its client; a request whose
+    /// client leaves them unread is paused (not generated further).
+    #[arg(long, default_value_t = 256, env = "ALLAM_STREAM_BUFFER_EVENTS")]
+    pub stream_buffer_events: usize,
+    /// How long a stream may stay stalled behind a client that does not read before it
+    /// fails with `client_too_slow` and its KV blocks are freed (`30s`, `500ms`, `2m`).
+    #[arg(long, default_value = "30s", env = "ALLAM_STREAM_WRITE_TIMEOUT", value_parser = parse_duration)]
+    pub stream_write_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -465,6 +481,25 @@ pub struct DemoModelArgs {
     pub out: PathBuf,
 }
 
+/// Parses `30s`, `500ms`, `2m` or plain seconds (`30`, `0.5`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (examples: 30s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1e3,
+        "m" => number * 60.0,
+        other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
+    };
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
+}
+
 /// Parses `512Mi`, `2G`, `1048576`.
 pub fn parse_bytes(text: &str) -> Result<usize, String> {
     let text = text.trim();
@@ -491,6 +526,17 @@ pub fn parse_bytes(text: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("3 fortnights").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
 
     #[test]
     fn byte_sizes_parse_with_units() {

@@ -56,6 +56,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             max_num_seqs: 64,
             max_waiting: 256,
             no_prefix_caching: false,
+            max_prefill_tokens_with_decodes: 512,
+            stream_buffer_events: 256,
+            stream_write_timeout: Duration::from_secs(30),
         };
         let (grpc_addr, http_addr) = if args.keep_serving {
             (

@@ -144,6 +144,9 @@ pub fn engine_config(args: &EngineArgs) -> allam_engine::EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_waiting: args.max_waiting,
         enable_prefix_caching: !args.no_prefix_caching,
+        max_prefill_tokens_with_decodes: args.max_prefill_tokens_with_decodes,
+        stream_buffer_events: args.stream_buffer_events,
+        stream_write_timeout: args.stream_write_timeout,
         ..allam_engine::EngineConfig::default()
     }
 }

@@ -30,6 +30,7 @@ impl StepPlanningBench {
                 max_num_batched_tokens: 1 << 16,
                 max_num_seqs: num_seqs,
                 chunk_size: 1 << 16,
+                max_prefill_tokens_with_decodes: 1 << 16,
             },
             pool,
         );

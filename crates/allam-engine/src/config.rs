@@ -27,6 +27,17 @@ pub struct EngineConfig {
     pub prefill_chunk_size: Option<usize>,
     /// How many cached block hashes the engine publishes for prefix-affinity routing.
     pub max_published_hashes: usize,
+    /// Prefill tokens a step may carry beside decode rows (512 by default): bounds the gap a
+    /// running stream sees while long prompts arrive. Steps without decodes use the whole
+    /// `max_num_batched_tokens`.
+    pub max_prefill_tokens_with_decodes: usize,
+    /// Events buffered per request between the engine and its reader (at least one step's
+    /// worth for the request's `n` is always allowed). A request whose buffer has no room for
+    /// another step is paused: it keeps its KV blocks but is not scheduled.
+    pub stream_buffer_events: usize,
+    /// How long a request may stay paused behind a reader that does not read before it fails
+    /// with `client_too_slow` and its blocks are freed.
+    pub stream_write_timeout: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +52,9 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             prefill_chunk_size: None,
             max_published_hashes: 16_384,
+            max_prefill_tokens_with_decodes: 512,
+            stream_buffer_events: 256,
+            stream_write_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -52,6 +66,11 @@ impl EngineConfig {
             ("max_num_batched_tokens", self.max_num_batched_tokens),
             ("max_num_seqs", self.max_num_seqs),
             ("max_waiting", self.max_waiting),
+            ("stream_buffer_events", self.stream_buffer_events),
+            (
+                "max_prefill_tokens_with_decodes",
+                self.max_prefill_tokens_with_decodes,
+            ),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -71,6 +90,12 @@ impl EngineConfig {
             return Err(Error::InvalidConfig {
                 field: "num_blocks",
                 problem: "must be at least 1 when set, got 0".to_owned(),
+            });
+        }
+        if self.stream_write_timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                field: "stream_write_timeout",
+                problem: "must be longer than zero".to_owned(),
             });
         }
         if self.num_blocks.is_none() && self.kv_cache_bytes.is_none() {
@@ -126,7 +151,14 @@ mod tests {
     #[test]
     fn zero_fields_are_named() {
         type Edit = fn(&mut EngineConfig);
-        let cases: [(&str, Edit); 5] = [
+        let cases: [(&str, Edit); 8] = [
+            ("max_prefill_tokens_with_decodes", |c| {
+                c.max_prefill_tokens_with_decodes = 0
+            }),
+            ("stream_buffer_events", |c| c.stream_buffer_events = 0),
+            ("stream_write_timeout", |c| {
+                c.stream_write_timeout = std::time::Duration::ZERO
+            }),
             ("block_size", |c| c.block_size = 0),
             ("max_num_seqs", |c| c.max_num_seqs = 0),
             ("prefill_chunk_size", |c| c.prefill_chunk_size = Some(0)),

@@ -7,13 +7,17 @@
 //! Invariants: every live sequence has a `SeqOutput` and belongs to a live request; a request's
 //! stream receives exactly one terminal event (`Finished` or `Failed`), after which the request
 //! and its sequences are gone and their blocks released. The engine never blocks on a client:
-//! event channels are unbounded (each request's events are bounded by its `n` and
-//! `max_new_tokens`), and a closed receiver cancels the request at the next step.
+//! each request's event channel is bounded, and a request is scheduled only while its channel
+//! has room for everything one step can send it plus one terminal event
+//! ([`step_event_room`]). A request without that room is paused (kept, with its blocks, but not
+//! scheduled); paused longer than `stream_write_timeout` it fails with `client_too_slow` (the
+//! slot kept free guarantees that event fits) and its blocks are freed. A closed receiver
+//! cancels the request at the next step.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use allam_backend::{SampledToken, StepBatch};
 use allam_request::{SamplingParams, ValidRequest};
@@ -24,7 +28,8 @@ use allam_types::{
     TokenLogprob, Usage,
 };
 use rand::Rng;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
 
 use crate::block_manager::BlockPool;
 use crate::config::EngineConfig;
@@ -42,16 +47,33 @@ const HASH_PUBLISH_INTERVAL_MS: u128 = 50;
 pub(crate) struct NewRequest {
     pub(crate) id: RequestId,
     pub(crate) request: ValidRequest,
-    pub(crate) events: UnboundedSender<EngineEvent>,
+    pub(crate) events: Sender<EngineEvent>,
     pub(crate) submitted_at: Instant,
     /// The submitter's span (the worker's request span): parent of this request's engine
     /// spans, so queue/prefill/decode join the caller's trace.
     pub(crate) span: tracing::Span,
 }
 
+/// Free channel slots a request needs to be scheduled: what one step can send it (a `Delta`
+/// and a `SequenceEnd` per sequence, its prompt logprobs and `Finished`) plus one slot that
+/// stays free for a terminal `Failed`.
+pub(crate) fn step_event_room(n: u32) -> usize {
+    2 * n.max(1) as usize + 3
+}
+
+/// Sends without waiting. Scheduling keeps room for every event a step sends, so a full
+/// channel here is a bug in that accounting: logged, and the reader sees the stream end.
+fn deliver(events: &Sender<EngineEvent>, event: EngineEvent) {
+    if let Err(TrySendError::Full(_)) = events.try_send(event) {
+        tracing::error!("a request's event channel was full; event dropped");
+    }
+}
+
 struct RequestState {
     params: Arc<SamplingParams>,
-    events: UnboundedSender<EngineEvent>,
+    events: Sender<EngineEvent>,
+    /// Since when the reader has left no room for another step (see [`step_event_room`]).
+    paused_since: Option<Instant>,
     prompt_len: usize,
     seed: u64,
     submitted_at: Instant,
@@ -90,6 +112,7 @@ pub(crate) struct EngineCore {
     max_published_hashes: usize,
     hashes_published_at: Option<Instant>,
     draining: bool,
+    stream_write_timeout: Duration,
 }
 
 impl EngineCore {
@@ -110,6 +133,7 @@ impl EngineCore {
                 max_num_batched_tokens: config.max_num_batched_tokens,
                 max_num_seqs: config.max_num_seqs,
                 chunk_size: config.chunk_size(),
+                max_prefill_tokens_with_decodes: config.max_prefill_tokens_with_decodes,
             },
             pool,
         );
@@ -129,6 +153,7 @@ impl EngineCore {
             max_published_hashes: config.max_published_hashes,
             hashes_published_at: None,
             draining: false,
+            stream_write_timeout: config.stream_write_timeout,
         }
     }
 
@@ -146,18 +171,24 @@ impl EngineCore {
         } = new;
         if self.draining {
             self.shared.dequeue_request();
-            let _ = events.send(EngineEvent::Failed {
-                reason: failure_reason::UNAVAILABLE,
-                message: "the engine is shutting down; retry on another worker".to_owned(),
-            });
+            deliver(
+                &events,
+                EngineEvent::Failed {
+                    reason: failure_reason::UNAVAILABLE,
+                    message: "the engine is shutting down; retry on another worker".to_owned(),
+                },
+            );
             return;
         }
         let params = Arc::new(request.params().clone());
         let prompt = request.prompt_token_ids().to_vec();
         let seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        let _ = events.send(EngineEvent::Started {
-            prompt_token_ids: prompt.clone(),
-        });
+        deliver(
+            &events,
+            EngineEvent::Started {
+                prompt_token_ids: prompt.clone(),
+            },
+        );
         metrics::counter!(m::PROMPT_TOKENS_TOTAL).increment(prompt.len() as u64);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
@@ -188,6 +219,7 @@ impl EngineCore {
             RequestState {
                 params,
                 events,
+                paused_since: None,
                 prompt_len,
                 seed,
                 submitted_at,
@@ -248,7 +280,7 @@ impl EngineCore {
     fn fail_request(&mut self, id: RequestId, reason: &'static str, message: String) {
         if let Some(state) = self.remove_request(id) {
             self.publish_counts();
-            let _ = state.events.send(EngineEvent::Failed { reason, message });
+            deliver(&state.events, EngineEvent::Failed { reason, message });
         }
     }
 
@@ -276,17 +308,53 @@ impl EngineCore {
         }
     }
 
-    /// Runs exactly one step (nothing when no sequence is runnable).
-    pub(crate) fn step(&mut self) {
+    /// Pauses the requests whose reader left no room for another step, resumes those whose
+    /// reader caught up, and fails those paused past `stream_write_timeout`.
+    fn settle_backpressure(&mut self, now: Instant) {
+        let mut paused = HashSet::new();
+        let mut too_slow = Vec::new();
+        for (id, state) in &mut self.requests {
+            if state.events.capacity() >= step_event_room(state.params.n) {
+                state.paused_since = None;
+                continue;
+            }
+            let since = *state.paused_since.get_or_insert(now);
+            if now.duration_since(since) >= self.stream_write_timeout {
+                too_slow.push(*id);
+            } else {
+                paused.extend(state.live_seqs.iter().copied());
+            }
+        }
+        self.scheduler.set_paused(paused);
+        let timeout = self.stream_write_timeout;
+        for id in too_slow {
+            tracing::warn!(request = id.0, ?timeout, "client too slow: request failed");
+            self.fail_request(
+                id,
+                failure_reason::CLIENT_TOO_SLOW,
+                format!(
+                    "the client read no output for {timeout:?} while the stream's buffer was full"
+                ),
+            );
+            metrics::counter!(m::CLIENT_TOO_SLOW_TOTAL).increment(1);
+        }
+        let still_paused = self.requests.values().filter(|r| r.paused_since.is_some());
+        metrics::gauge!(m::PAUSED_REQUESTS).set(still_paused.count() as f64);
+    }
+
+    /// Runs exactly one step. `false` when no sequence was runnable (all paused behind their
+    /// readers, or nothing to do), so the caller can wait instead of spinning.
+    pub(crate) fn step(&mut self) -> bool {
         self.reap_disconnected();
         let started = Instant::now();
+        self.settle_backpressure(started);
         let plan = self.scheduler.schedule();
         if !plan.preempted.is_empty() {
             metrics::counter!(m::PREEMPTIONS_TOTAL).increment(plan.preempted.len() as u64);
         }
         if plan.seqs.is_empty() {
             self.publish_counts();
-            return;
+            return false;
         }
         // Admission is settled before the forward pass, so `queued_requests` (which bounds
         // `submit`) never counts a request that is already computing.
@@ -314,6 +382,7 @@ impl EngineCore {
         metrics::histogram!(m::BATCH_SIZE).record(plan.seqs.len() as f64);
         self.publish_counts();
         self.publish_hashes(false);
+        true
     }
 
     /// The forward pass failed: the requests in this step fail, the engine goes on. Their KV
@@ -539,7 +608,7 @@ impl EngineCore {
             .is_some_and(|q| q.owes_prompt_logprobs());
         if done && !owes {
             if let Some(collected) = state.prompt_logprobs.take() {
-                let _ = state.events.send(EngineEvent::PromptLogprobs(collected));
+                deliver(&state.events, EngineEvent::PromptLogprobs(collected));
             }
         }
     }
@@ -676,12 +745,15 @@ impl EngineCore {
         if index == 0 || state.last_token_at.is_none() {
             state.last_token_at = Some(now);
         }
-        let _ = state.events.send(EngineEvent::Delta(TokenDelta {
-            index,
-            token_ids: vec![token],
-            text,
-            logprobs,
-        }));
+        deliver(
+            &state.events,
+            EngineEvent::Delta(TokenDelta {
+                index,
+                token_ids: vec![token],
+                text,
+                logprobs,
+            }),
+        );
         if let Some(reason) = finish {
             self.finish_sequence(request_id, seq_id, reason, now);
         }
@@ -702,12 +774,15 @@ impl EngineCore {
         state.live_seqs.retain(|id| *id != seq_id);
         if let (Some(seq), Some(out)) = (seq, out) {
             state.completion_tokens += seq.num_generated() as u32;
-            let _ = state.events.send(EngineEvent::SequenceEnd(SequenceEnd {
-                index: out.index,
-                finish_reason: reason,
-                text: out.text().to_owned(),
-                token_ids: seq.generated().to_vec(),
-            }));
+            deliver(
+                &state.events,
+                EngineEvent::SequenceEnd(SequenceEnd {
+                    index: out.index,
+                    finish_reason: reason,
+                    text: out.text().to_owned(),
+                    token_ids: seq.generated().to_vec(),
+                }),
+            );
         }
         let all_forked = state.forked || state.params.n <= 1;
         if !state.live_seqs.is_empty() || !all_forked {
@@ -737,7 +812,7 @@ impl EngineCore {
             self.publish_counts();
             // Closed before `Finished` goes out, so the decode span ends inside the caller's.
             state.phase = tracing::Span::none();
-            let _ = state.events.send(EngineEvent::Finished { usage, timings });
+            deliver(&state.events, EngineEvent::Finished { usage, timings });
         }
     }
 

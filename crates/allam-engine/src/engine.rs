@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use allam_backend::Backend;
 use allam_model::Model;
@@ -28,7 +28,7 @@ use allam_types::RequestId;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::EngineConfig;
-use crate::core::{EngineCore, NewRequest};
+use crate::core::{step_event_room, EngineCore, NewRequest};
 use crate::executor::{padding_step, ModelExecutor, StepExecutor};
 use crate::stats::{EngineStats, ModelInfo, Shared};
 use crate::stream::EventStream;
@@ -36,6 +36,10 @@ use crate::{failure_reason, Error};
 
 /// Slack in the command channel beyond `max_waiting` submissions, for cancels and control.
 const CONTROL_SLOTS: usize = 1024;
+
+/// How long the thread waits for a command when every runnable request is paused behind its
+/// reader: short, because a reader catching up sends no command.
+const PAUSED_POLL: Duration = Duration::from_millis(2);
 
 pub(crate) enum Command {
     Submit(Box<NewRequest>),
@@ -137,6 +141,7 @@ impl Engine {
                 shared,
                 info,
                 max_waiting: config.max_waiting,
+                stream_buffer_events: config.stream_buffer_events,
                 next_request_id: AtomicU64::new(1),
                 thread: Mutex::new(Some(thread)),
             }),
@@ -165,8 +170,16 @@ fn run(mut core: EngineCore, commands: Receiver<Command>, shared: Arc<Shared>) {
                 break 'serve;
             }
         }
-        if !core.is_idle() {
-            core.step();
+        if !core.is_idle() && !core.step() {
+            match commands.recv_timeout(PAUSED_POLL) {
+                Ok(command) => {
+                    if !apply(&mut core, command) {
+                        break 'serve;
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break 'serve,
+            }
         }
     }
     shared.closed.store(true, Ordering::Release);
@@ -200,6 +213,7 @@ struct HandleInner {
     shared: Arc<Shared>,
     info: ModelInfo,
     max_waiting: usize,
+    stream_buffer_events: usize,
     next_request_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -231,7 +245,11 @@ impl EngineHandle {
             });
         }
         let id = RequestId(inner.next_request_id.fetch_add(1, Ordering::Relaxed));
-        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        // Room for `Started` plus one step, whatever the configured buffer.
+        let capacity = inner
+            .stream_buffer_events
+            .max(step_event_room(request.params().n) + 1);
+        let (events, receiver) = tokio::sync::mpsc::channel(capacity);
         let command = Command::Submit(Box::new(NewRequest {
             id,
             request,

@@ -12,7 +12,7 @@
 //!
 //! Invariants: a sequence is in exactly one of waiting / running / finished; a KV block is
 //! freed only at refcount zero; the engine never waits on a client (a closed receiver
-//! cancels at the next step); the same request with the same seed gives the same output
+//! cancels at the next step; a full event buffer pauses the request, never the engine); the same request with the same seed gives the same output
 //! whatever else is batched with it.
 
 mod block_manager;
@@ -51,4 +51,7 @@ pub mod failure_reason {
     pub const ENGINE_ERROR: &str = "engine_error";
     /// The engine thread ended without finishing the request.
     pub const ENGINE_STOPPED: &str = "engine_stopped";
+    /// The reader left the request's event buffer full for longer than
+    /// `EngineConfig::stream_write_timeout`; its blocks were freed.
+    pub const CLIENT_TOO_SLOW: &str = "client_too_slow";
 }

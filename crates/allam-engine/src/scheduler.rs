@@ -12,11 +12,25 @@
 //!    cached prefix, then allocate blocks for the first chunk. The first one that does not fit
 //!    stops admission (strict priority, no overtaking).
 //!
+//! Latency under mixed load: a step that carries decode rows carries at most
+//! `max_prefill_tokens_with_decodes` prefill tokens (running prefills and admissions
+//! together), so a running stream's gap between two tokens is bounded by one step of
+//! `decodes + max_prefill_tokens_with_decodes` tokens, however long the prompts arriving
+//! beside it. Without decodes a prefill gets the whole budget.
+//!
+//! Admission under KV pressure (the fairness rule): a waiting sequence is admitted only when
+//! the free blocks cover its *whole* uncomputed prompt plus what the running prefills still
+//! need for theirs, not just its first chunk. So admitting a newcomer never makes an earlier
+//! request's prefill preempt anyone, queues are served strictly by (priority, arrival) with no
+//! overtaking, and preempted sequences keep their arrival, so they go back in before anything
+//! that arrived after them. Victims are always the latest arrival of the lowest priority.
+//!
 //! Invariants: a sequence is in exactly one of `waiting` / `running` (finished ones are
 //! removed); `running` stays sorted by `Sequence::key`; a planned sequence has blocks for every
 //! token it computes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::ops::Range;
 
 use allam_backend::StepBatch;
@@ -29,6 +43,8 @@ pub(crate) struct SchedulerConfig {
     pub(crate) max_num_batched_tokens: usize,
     pub(crate) max_num_seqs: usize,
     pub(crate) chunk_size: usize,
+    /// Prefill tokens a step may carry beside decode rows.
+    pub(crate) max_prefill_tokens_with_decodes: usize,
 }
 
 /// One sequence's work in a step.
@@ -70,6 +86,9 @@ pub(crate) struct Scheduler {
     num_preemptions: u64,
     prefix_queried_tokens: u64,
     prefix_hit_tokens: u64,
+    /// Sequences not to schedule this step (their reader is behind); they keep their blocks
+    /// and may still be preempted.
+    paused: HashSet<SeqId>,
 }
 
 impl Scheduler {
@@ -83,7 +102,13 @@ impl Scheduler {
             num_preemptions: 0,
             prefix_queried_tokens: 0,
             prefix_hit_tokens: 0,
+            paused: HashSet::new(),
         }
+    }
+
+    /// Sequences to skip from the next `schedule` on, until the next call.
+    pub(crate) fn set_paused(&mut self, paused: HashSet<SeqId>) {
+        self.paused = paused;
     }
 
     pub(crate) fn pool(&self) -> &BlockPool {
@@ -208,11 +233,19 @@ impl Scheduler {
             .running
             .iter()
             .filter(|id| {
-                self.seqs
-                    .get(id)
-                    .is_some_and(|s| s.tokens.len() == s.num_computed + 1)
+                !self.paused.contains(id)
+                    && self
+                        .seqs
+                        .get(id)
+                        .is_some_and(|s| s.tokens.len() == s.num_computed + 1)
             })
             .count();
+        // Prefill tokens this step may still carry (capped only when decodes ride in it).
+        let mut prefill_budget = if decodes_ahead > 0 {
+            self.config.max_prefill_tokens_with_decodes
+        } else {
+            usize::MAX
+        };
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
@@ -221,15 +254,20 @@ impl Scheduler {
                 continue;
             };
             let remaining = seq.tokens.len().saturating_sub(seq.num_computed);
-            if remaining == 0 {
-                // Cannot happen for a live sequence; skip rather than compute nothing.
+            if remaining == 0 || self.paused.contains(&id) {
+                // `remaining == 0` cannot happen for a live sequence; skip rather than compute
+                // nothing.
                 i += 1;
                 continue;
             }
             if remaining == 1 {
                 decodes_ahead = decodes_ahead.saturating_sub(1);
             }
-            let room = budget.saturating_sub(decodes_ahead);
+            let room = if remaining == 1 {
+                budget.saturating_sub(decodes_ahead)
+            } else {
+                budget.saturating_sub(decodes_ahead).min(prefill_budget)
+            };
             if room == 0 {
                 i += 1;
                 continue;
@@ -243,6 +281,7 @@ impl Scheduler {
                 let victim_pos = self.running.len() - 1;
                 let victim = self.running[victim_pos];
                 if victim != id
+                    && !self.paused.contains(&victim)
                     && self
                         .seqs
                         .get(&victim)
@@ -267,22 +306,49 @@ impl Scheduler {
             self.grow_table(id, needed);
             plan.seqs.push(self.scheduled(id, start, len, None));
             budget -= len;
+            if remaining > 1 {
+                prefill_budget = prefill_budget.saturating_sub(len);
+            }
             i += 1;
         }
 
         if plan.preempted.is_empty() {
-            self.admit_waiting(&mut plan, budget, chunk);
+            self.admit_waiting(&mut plan, budget.min(prefill_budget), chunk);
         }
         plan
     }
 
+    /// Blocks the running prefills still need to reach the end of their prompts.
+    fn blocks_owed_to_running_prefills(&self) -> usize {
+        self.running
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .filter(|s| s.tokens.len() > s.num_computed + 1)
+            .map(|s| {
+                self.blocks_for(s.tokens.len())
+                    .saturating_sub(s.block_table.len())
+            })
+            .sum()
+    }
+
     fn admit_waiting(&mut self, plan: &mut StepPlan, mut budget: usize, chunk: usize) {
         let bs = self.pool.block_size();
+        let mut owed = self.blocks_owed_to_running_prefills();
+        // Paused sequences are passed over; they keep their place for when they resume.
+        let mut passed: Option<QueueKey> = None;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(&key) = self.waiting.first() else {
+            let next = match passed {
+                None => self.waiting.first(),
+                Some(after) => self.waiting.range((Excluded(after), Unbounded)).next(),
+            };
+            let Some(&key) = next else {
                 break;
             };
             let id = key.3;
+            if self.paused.contains(&id) {
+                passed = Some(key);
+                continue;
+            }
             let Some(seq) = self.seqs.get_mut(&id) else {
                 self.waiting.remove(&key);
                 continue;
@@ -300,10 +366,14 @@ impl Scheduler {
             let cached = hits.len() * bs;
             let len = (seq.tokens.len() - cached).min(budget).min(chunk);
             let needed = (cached + len).div_ceil(bs) - hits.len();
-            if self.pool.num_free() < needed {
+            // The fairness rule (module docs): room for the whole prompt, beside what the
+            // running prefills are owed.
+            let whole_prompt = seq.tokens.len().div_ceil(bs) - hits.len();
+            if self.pool.num_free() < whole_prompt + owed {
                 self.pool.release_table(&hits);
                 break;
             }
+            owed += whole_prompt - needed;
             if lookup {
                 self.prefix_queried_tokens += seq.tokens.len() as u64;
                 self.prefix_hit_tokens += cached as u64;
@@ -499,9 +569,70 @@ mod tests {
                 max_num_batched_tokens: budget,
                 max_num_seqs: 8,
                 chunk_size: chunk,
+                max_prefill_tokens_with_decodes: usize::MAX,
             },
             BlockPool::new(num_blocks, 4, caching),
         )
+    }
+
+    #[test]
+    fn steps_with_decodes_carry_at_most_the_prefill_cap() {
+        let mut s = scheduler(256, 64, 64, false);
+        s.config.max_prefill_tokens_with_decodes = 10;
+        s.add(seq(1, 0, vec![1, 2, 3]));
+        run_step(&mut s); // seq 1 decodes from now on
+        s.add(seq(2, 0, (0..40).collect()));
+        s.add(seq(3, 0, (0..40).collect()));
+        for _ in 0..3 {
+            let plan = run_step(&mut s);
+            let prefill: usize = plan
+                .seqs
+                .iter()
+                .filter(|p| p.seq_id.0 != 1)
+                .map(|p| p.len)
+                .sum();
+            assert!(
+                plan.seqs.iter().any(|p| p.seq_id.0 == 1),
+                "the decode rides in every step"
+            );
+            assert_eq!(prefill, 10, "prefill tokens beside a decode are capped");
+        }
+        // Without decodes a prefill takes the whole budget.
+        let mut alone = scheduler(256, 64, 64, false);
+        alone.config.max_prefill_tokens_with_decodes = 10;
+        alone.add(seq(4, 0, (0..40).collect()));
+        assert_eq!(run_step(&mut alone).seqs[0].len, 40);
+    }
+
+    #[test]
+    fn admission_needs_room_for_the_whole_prompt_beside_running_prefills() {
+        // 12 blocks of 4 tokens, 8-token chunks. Seq 1's 32-token prompt needs 8 blocks.
+        let mut s = scheduler(12, 24, 8, false);
+        s.add(seq(1, 0, (0..32).collect()));
+        assert_eq!(run_step(&mut s).seqs.len(), 1);
+        // 10 free before this step; seq 1 owes 4 beyond its next chunk: seq 2's whole prompt (4) fits.
+        s.add(seq(2, 0, (0..16).collect()));
+        assert_eq!(
+            run_step(&mut s).seqs.len(),
+            2,
+            "seq 2 fits beside seq 1's debt"
+        );
+        // 4 free after this step's chunks, but seq 1 still owes 2: seq 3's first chunk
+        // (2 blocks) would fit, its prompt beside that debt would not. It waits rather than
+        // make seq 1's last chunk preempt someone.
+        s.add(seq(3, 0, (0..8).collect()));
+        let plan = run_step(&mut s);
+        assert!(plan.preempted.is_empty());
+        assert!(
+            plan.seqs.iter().all(|p| p.seq_id.0 != 3),
+            "seq 3 is not admitted into blocks seq 1 is owed"
+        );
+        let plan = run_step(&mut s);
+        assert!(
+            plan.seqs.iter().any(|p| p.seq_id.0 == 1 && p.samples),
+            "seq 1 finishes its prompt without being preempted"
+        );
+        assert!(!plan.preempted.contains(&SeqId(1)));
     }
 
     /// Plays `steps` steps, appending token 7 to every sampling sequence.

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use allam_types::{EngineEvent, RequestId};
 use crossbeam_channel::Sender;
 use futures::Stream;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 use crate::engine::Command;
 use crate::failure_reason;
@@ -21,7 +21,7 @@ use crate::failure_reason;
 /// The events of one submitted request.
 pub struct EventStream {
     request_id: RequestId,
-    events: UnboundedReceiver<EngineEvent>,
+    events: Receiver<EngineEvent>,
     commands: Sender<Command>,
     ended: bool,
 }
@@ -29,7 +29,7 @@ pub struct EventStream {
 impl EventStream {
     pub(crate) fn new(
         request_id: RequestId,
-        events: UnboundedReceiver<EngineEvent>,
+        events: Receiver<EngineEvent>,
         commands: Sender<Command>,
     ) -> EventStream {
         EventStream {

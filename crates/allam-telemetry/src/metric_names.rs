@@ -39,6 +39,10 @@ pub const PREFIX_CACHE_HIT_RATIO: &str = "allam_prefix_cache_hit_ratio";
 pub const PREFIX_CACHE_QUERIED_TOKENS_TOTAL: &str = "allam_prefix_cache_queried_tokens_total";
 pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "allam_prefix_cache_hit_tokens_total";
 pub const PREEMPTIONS_TOTAL: &str = "allam_preemptions_total";
+/// Requests not scheduled because their reader left no room in their event buffer.
+pub const PAUSED_REQUESTS: &str = "allam_paused_requests";
+/// Requests failed with `client_too_slow` (paused past the stream write timeout).
+pub const CLIENT_TOO_SLOW_TOTAL: &str = "allam_client_too_slow_total";
 pub const STEP_DURATION_SECONDS: &str = "allam_step_duration_seconds";
 /// Sampled logits rows by `path`: `backend` (picked where the logits are, a kernel on a GPU)
 /// or `host` (penalties, min-p, masked eos, the `n > 1` fork: the row's logits were copied

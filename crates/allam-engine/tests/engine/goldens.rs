@@ -167,8 +167,9 @@ fn goldens_with_prefill_chunks_of_7() {
 fn goldens_under_preemption() {
     for model in MODELS {
         // 44 blocks of 16 tokens: the long case (643 tokens with its output) fits alone, but
-        // not next to the others, and 64-token chunks admit it early, so running sequences
-        // run out of blocks.
+        // not next to the others. Submitted longest first, it is admitted first (its whole
+        // prompt fits, the admission rule's condition) and the short ones after it; their
+        // outputs then grow until running sequences run out of blocks.
         let bytes_per_block = {
             let dir = fixtures_dir().join(model);
             let mut backend = CpuBackend::new(&CpuBackendConfig::default()).expect("backend");
@@ -187,7 +188,8 @@ fn goldens_under_preemption() {
             "sized from the byte budget"
         );
         let tok = tokenizer();
-        let cases = cases(model);
+        let mut cases = cases(model);
+        cases.sort_by_key(|case| std::cmp::Reverse(case.input_ids.len()));
         let mut streams: Vec<_> = cases
             .iter()
             .map(|case| {

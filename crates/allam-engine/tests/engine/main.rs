@@ -2,6 +2,7 @@
 //! preemption, sampling and stopping with a fast fake model that detects KV mistakes;
 //! `goldens` runs the tiny fixture models on the CPU backend against transformers' outputs.
 
+mod backpressure;
 mod fake;
 mod goldens;
 mod support;
