@@ -411,6 +411,10 @@ pub struct RouterArgs {
     pub telemetry: TelemetryArgs,
     #[arg(long, default_value_t = 30, env = "ALLAM_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: u64,
+    /// How long a stream may stay stalled behind a client that does not read before the
+    /// router ends it with `client_too_slow` and cancels it on its worker.
+    #[arg(long, default_value = "30s", env = "ALLAM_STREAM_WRITE_TIMEOUT", value_parser = parse_duration)]
+    pub stream_write_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -222,10 +222,12 @@ fn router_config(
     tokenizer: allam_tokenizer::Tokenizer,
     max_context: u32,
     front: &FrontArgs,
+    stream_write_timeout: Duration,
 ) -> anyhow::Result<RouterConfig> {
     let mut config = RouterConfig::new(name, tokenizer, Limits::for_context(max_context));
     config.api_keys = api_keys(front)?;
     config.max_outstanding_per_group = front.max_outstanding_per_group;
+    config.stream_write_timeout = stream_write_timeout;
     Ok(config)
 }
 
@@ -320,6 +322,7 @@ impl LocalCluster {
             tokenizer.clone(),
             max_context,
             front,
+            engine.stream_write_timeout,
         )?;
         let router = Router::new(config, membership)
             .await
@@ -438,7 +441,13 @@ pub fn router(args: RouterArgs) -> anyhow::Result<ExitCode> {
         let name = args.served_model_name.clone().unwrap_or(default_name);
         let watcher = MembershipWatcher::start(EtcdConfig::new(args.etcd.clone()))
             .context("watching etcd for worker groups")?;
-        let mut config = router_config(name, tokenizer.clone(), max_context, &args.front)?;
+        let mut config = router_config(
+            name,
+            tokenizer.clone(),
+            max_context,
+            &args.front,
+            args.stream_write_timeout,
+        )?;
         config.worker_tls =
             internal_tls(&args.internal_tls)?.map(|pem| allam_router::WorkerClientTls {
                 ca_pem: pem.ca_pem,

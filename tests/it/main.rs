@@ -8,6 +8,7 @@ mod etcd_outage;
 mod fault_soak;
 mod local_cluster;
 mod otlp;
+mod slow_clients;
 mod soak;
 mod support;
 mod tidy;

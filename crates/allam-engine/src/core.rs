@@ -336,7 +336,7 @@ impl EngineCore {
                     "the client read no output for {timeout:?} while the stream's buffer was full"
                 ),
             );
-            metrics::counter!(m::CLIENT_TOO_SLOW_TOTAL).increment(1);
+            metrics::counter!(m::CLIENT_TOO_SLOW_TOTAL, "hop" => "engine").increment(1);
         }
         let still_paused = self.requests.values().filter(|r| r.paused_since.is_some());
         metrics::gauge!(m::PAUSED_REQUESTS).set(still_paused.count() as f64);

@@ -7,17 +7,27 @@
 //! UNAVAILABLE. `Started`/`PromptLogprobs` are buffered until the commit so a retried request
 //! never shows the client two `Started`.
 //!
-//! Cancellation: every worker stream lives inside the returned `GenerationStream`; dropping it
-//! drops the tonic stream, which resets the HTTP/2 stream, which drops the worker's engine
-//! stream, which cancels the request in the engine.
+//! Cancellation: every worker stream is owned by its forwarding task, which ends when the
+//! returned `GenerationStream` is dropped; that drops the tonic stream, which resets the
+//! HTTP/2 stream, which drops the worker's engine stream, which cancels the request in the
+//! engine.
+//!
+//! Backpressure: the forwarding task keeps reading the worker stream (so its HTTP/2 window
+//! keeps moving) into a buffer of [`FORWARD_BUFFER`] events towards the client. If that buffer
+//! stays full for the stream write timeout, the client is not reading: the task drops the
+//! worker stream (cancelling the request there, freeing its window and blocks) and the client,
+//! should it read again, gets what was buffered and then `Failed { reason: client_too_slow }`.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use allam_proto::worker::v1 as wpb;
 use allam_types::EngineEvent;
 use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
 
 use crate::convert::event_from_worker;
@@ -133,11 +143,22 @@ async fn within<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Op
     }
 }
 
+/// Events buffered between a worker stream and a client that reads slower than it arrives.
+pub(crate) const FORWARD_BUFFER: usize = 64;
+
+/// `Failed.reason` when the client left the router's buffer full past the write timeout
+/// (the engine's own label for the same thing).
+const CLIENT_TOO_SLOW: &str = "client_too_slow";
+
 /// The events of one routed request: `Stream<Item = Result<EngineEvent, Error>>`. Ends after
 /// `Finished`/`Failed`, or after one `Err` (the group failed mid-stream or the deadline
 /// passed). Dropping it cancels the request on the worker.
 pub struct GenerationStream {
-    inner: Pin<Box<dyn Stream<Item = Result<EngineEvent, Error>> + Send>>,
+    events: mpsc::Receiver<Result<EngineEvent, Error>>,
+    /// Set by the forwarding task when it gave up on a client that did not read.
+    stalled: Arc<AtomicBool>,
+    write_timeout: Duration,
+    ended: bool,
     group: String,
 }
 
@@ -159,6 +180,7 @@ impl GenerationStream {
         committed: Committed,
         inflight: InFlight,
         deadline: Option<Instant>,
+        write_timeout: Duration,
         outcome: crate::metrics::Outcome,
     ) -> GenerationStream {
         let group = inflight.group().name().to_string();
@@ -219,9 +241,54 @@ impl GenerationStream {
                 return;
             }
         };
+        let (sender, events) = mpsc::channel(FORWARD_BUFFER);
+        let stalled = Arc::new(AtomicBool::new(false));
+        tokio::spawn(forward(
+            Box::pin(inner),
+            sender,
+            write_timeout,
+            Arc::clone(&stalled),
+            group.clone(),
+        ));
         GenerationStream {
-            inner: Box::pin(inner),
+            events,
+            stalled,
+            write_timeout,
+            ended: false,
             group,
+        }
+    }
+}
+
+/// Moves one request's events from its worker stream to the client's buffer; ends (dropping
+/// the worker stream) at the last event, when the client is gone, or when the client left the
+/// buffer full for `write_timeout`.
+async fn forward(
+    mut source: Pin<Box<dyn Stream<Item = Result<EngineEvent, Error>> + Send>>,
+    sender: mpsc::Sender<Result<EngineEvent, Error>>,
+    write_timeout: Duration,
+    stalled: Arc<AtomicBool>,
+    group: String,
+) {
+    loop {
+        let item = tokio::select! {
+            () = sender.closed() => return,
+            item = source.next() => item,
+        };
+        let Some(item) = item else { return };
+        match tokio::time::timeout(write_timeout, sender.send(item)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                stalled.store(true, Ordering::Release);
+                tracing::warn!(%group, ?write_timeout, "client too slow: stream cancelled on the worker");
+                metrics::counter!(
+                    allam_telemetry::metric_names::CLIENT_TOO_SLOW_TOTAL,
+                    "hop" => "router"
+                )
+                .increment(1);
+                return;
+            }
         }
     }
 }
@@ -237,6 +304,36 @@ impl Stream for GenerationStream {
     type Item = Result<EngineEvent, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.poll_next_unpin(cx)
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.events.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                if item.as_ref().map_or(true, is_terminal) {
+                    self.ended = true;
+                }
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                // The task always sends a last event unless it gave up on this client.
+                let item = if self.stalled.load(Ordering::Acquire) {
+                    Ok(EngineEvent::Failed {
+                        reason: CLIENT_TOO_SLOW,
+                        message: format!(
+                            "the client read no output for {:?}; the request was cancelled",
+                            self.write_timeout
+                        ),
+                    })
+                } else {
+                    Err(Error::Unavailable(format!(
+                        "the stream from worker group {} ended early",
+                        self.group
+                    )))
+                };
+                Poll::Ready(Some(item))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }

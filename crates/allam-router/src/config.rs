@@ -28,6 +28,9 @@ pub struct RouterConfig {
     pub max_cached_hashes: u32,
     /// Mutual TLS towards the worker groups; `None` = plaintext (loopback, trusted networks).
     pub worker_tls: Option<WorkerClientTls>,
+    /// How long a stream's router-side buffer may stay full (its client reads nothing)
+    /// before the router ends it with `client_too_slow` and cancels it on the worker.
+    pub stream_write_timeout: Duration,
 }
 
 /// The router's side of mutual TLS with worker groups (PEM): the CA that signed the workers'
@@ -59,6 +62,7 @@ impl RouterConfig {
             worker_connect_timeout: Duration::from_secs(1),
             max_cached_hashes: 4096,
             worker_tls: None,
+            stream_write_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -1,7 +1,14 @@
-//! The router's table of worker groups: one gRPC channel, in-flight counters, the last `Load`
-//! report and a health flag per group, reconciled against membership snapshots.
+//! The router's table of worker groups: two gRPC channels (requests, and `Load` on a
+//! connection of its own), in-flight counters, the last `Load` report and a health flag per
+//! group, reconciled against membership snapshots.
 //!
 //! Invariants:
+//! - `Load` never shares a connection with request streams: streams whose clients stopped
+//!   reading can fill their connection's HTTP/2 window, and a congested connection must not
+//!   read as a dead group.
+//! - A stream's HTTP/2 receive window is small ([`STREAM_WINDOW`]) and the connection's large
+//!   ([`CONNECTION_WINDOW`]), so the data stalled streams hold is bounded per stream and
+//!   hundreds of them cannot close the connection to the rest.
 //! - A group's outstanding counters are changed only through [`InFlight`] (incremented when a
 //!   request is routed there, decremented when its guard drops, whatever the outcome).
 //! - A failed connect, `Load` or mid-stream transport error marks a group unhealthy; only the
@@ -26,9 +33,20 @@ use crate::policy::{Candidate, Health};
 /// Block size assumed for a group until its first `Load` report says otherwise.
 pub(crate) const DEFAULT_BLOCK_SIZE: usize = 16;
 
+/// HTTP/2 receive window of one worker stream: what a stalled stream can hold unread here.
+/// Token events are ~100 bytes, so this is thousands of tokens of slack.
+pub(crate) const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// HTTP/2 receive window of a whole request connection: 4096 stalled streams' worth, so the
+/// router's in-flight limit is reached long before stalled streams can starve the others.
+pub(crate) const CONNECTION_WINDOW: u32 = 1 << 30;
+
 pub(crate) struct Group {
     pub(crate) info: WorkerGroupInfo,
+    /// Request streams.
     pub(crate) client: WorkerClient<Channel>,
+    /// `Load` polls only (its own connection).
+    load_client: WorkerClient<Channel>,
     outstanding_requests: AtomicUsize,
     outstanding_tokens: AtomicU64,
     load: Mutex<GroupLoad>,
@@ -294,10 +312,16 @@ impl GroupTable {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
+        // Two `connect_lazy` channels are two connections.
+        let load_channel = endpoint.clone().connect_lazy();
+        let channel = endpoint
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .connect_lazy();
         Ok(Arc::new(Group {
             info: info.clone(),
             client: WorkerClient::new(channel),
+            load_client: WorkerClient::new(load_channel),
             outstanding_requests: AtomicUsize::new(0),
             outstanding_tokens: AtomicU64::new(0),
             load: Mutex::new(GroupLoad {
@@ -355,7 +379,7 @@ pub(crate) fn with_scheme(addr: &str) -> String {
 /// Polls the group's `Load` until the group is removed.
 async fn poll_load(group: Arc<Group>, settings: GroupSettings) {
     loop {
-        let mut client = group.client.clone();
+        let mut client = group.load_client.clone();
         let mut request = tonic::Request::new(LoadRequest {
             max_cached_hashes: settings.max_cached_hashes,
         });

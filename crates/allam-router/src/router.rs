@@ -221,6 +221,7 @@ impl Router {
                         committed,
                         inflight,
                         deadline,
+                        self.inner.config.stream_write_timeout,
                         metrics::Outcome::new(ctx.api, started),
                     ))
                 }

@@ -41,7 +41,8 @@ pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "allam_prefix_cache_hit_tokens_t
 pub const PREEMPTIONS_TOTAL: &str = "allam_preemptions_total";
 /// Requests not scheduled because their reader left no room in their event buffer.
 pub const PAUSED_REQUESTS: &str = "allam_paused_requests";
-/// Requests failed with `client_too_slow` (paused past the stream write timeout).
+/// Streams ended with `client_too_slow` by `hop`: `engine` (paused past the stream write
+/// timeout) or `router` (its buffer towards the client stayed full that long).
 pub const CLIENT_TOO_SLOW_TOTAL: &str = "allam_client_too_slow_total";
 pub const STEP_DURATION_SECONDS: &str = "allam_step_duration_seconds";
 /// Sampled logits rows by `path`: `backend` (picked where the logits are, a kernel on a GPU)
